@@ -1,0 +1,140 @@
+//! The errors an RPC can end with, and their one mapping to gRPC statuses.
+//!
+//! Every failure carries a `google.rpc.ErrorInfo` detail in [`DOMAIN`] whose
+//! reason is one of the constants in [`reason`]; clients branch on those.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    store::{StoreError, SubmitError},
+    token::{InvalidScope, InvalidToken, Status as TokenStatus, TokenId},
+};
+
+/// The `domain` of every `ErrorInfo` the service sends.
+pub const DOMAIN: &str = "changetoken";
+
+/// The `reason` values of `ErrorInfo`. They never change meaning.
+pub mod reason {
+    /// The token was already used for a different change.
+    pub const CHANGE_TOKEN_STALE: &str = "CHANGE_TOKEN_STALE";
+    /// The token was never issued, or retention deleted it.
+    pub const CHANGE_TOKEN_NOT_FOUND: &str = "CHANGE_TOKEN_NOT_FOUND";
+    /// The token is not a lowercase hyphenated version-4 UUID.
+    pub const INVALID_CHANGE_TOKEN: &str = "INVALID_CHANGE_TOKEN";
+    /// The scope is not empty nor 1 to 128 characters of `[A-Za-z0-9._/-]`.
+    pub const INVALID_SCOPE: &str = "INVALID_SCOPE";
+    /// The payload is over the configured limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
+    /// The description is over its limit.
+    pub const DESCRIPTION_TOO_LONG: &str = "DESCRIPTION_TOO_LONG";
+    /// The storage failed in a way that a retry may overcome.
+    pub const STORAGE_UNAVAILABLE: &str = "STORAGE_UNAVAILABLE";
+    /// The storage holds data this build cannot read.
+    pub const STORAGE_FAILURE: &str = "STORAGE_FAILURE";
+    /// The server is shutting down; reconnect, possibly to another instance.
+    pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+}
+
+/// Why an RPC failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request's token is malformed.
+    #[error(transparent)]
+    InvalidToken(#[from] InvalidToken),
+    /// The request's scope is malformed.
+    #[error(transparent)]
+    InvalidScope(#[from] InvalidScope),
+    /// The payload is over the configured limit.
+    #[error("payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The description is over [`crate::service::MAX_DESCRIPTION`].
+    #[error("description is {size} bytes, over the limit of {limit} bytes")]
+    DescriptionTooLong {
+        /// The description's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The token was never issued, or retention deleted it.
+    #[error("change token {0} does not exist")]
+    NotFound(TokenId),
+    /// The token was already used for a different change.
+    #[error(
+        "change token {token} is no longer current: it is {status}; \
+         get a new token with GetChangeToken and submit again"
+    )]
+    Stale {
+        /// The stale token.
+        token: TokenId,
+        /// Its current status.
+        status: TokenStatus,
+    },
+    /// The store failed; nothing was acknowledged.
+    #[error("{0}; retry the request")]
+    Store(StoreError),
+    /// The server is shutting down.
+    #[error("the server is shutting down; reconnect and retry")]
+    ShuttingDown,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Closed => ApiError::ShuttingDown,
+            other => ApiError::Store(other),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(err: SubmitError) -> Self {
+        match err {
+            SubmitError::NotFound(token) => ApiError::NotFound(token),
+            SubmitError::Stale { token, status } => ApiError::Stale { token, status },
+            SubmitError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Self {
+        let mut metadata = HashMap::new();
+        let (code, reason) = match &err {
+            ApiError::InvalidToken(_) => (Code::InvalidArgument, reason::INVALID_CHANGE_TOKEN),
+            ApiError::InvalidScope(_) => (Code::InvalidArgument, reason::INVALID_SCOPE),
+            ApiError::PayloadTooLarge { limit, .. } => {
+                metadata.insert("limit_bytes".to_owned(), limit.to_string());
+                (Code::InvalidArgument, reason::PAYLOAD_TOO_LARGE)
+            }
+            ApiError::DescriptionTooLong { limit, .. } => {
+                metadata.insert("limit_bytes".to_owned(), limit.to_string());
+                (Code::InvalidArgument, reason::DESCRIPTION_TOO_LONG)
+            }
+            ApiError::NotFound(token) => {
+                metadata.insert("change_token".to_owned(), token.to_string());
+                (Code::NotFound, reason::CHANGE_TOKEN_NOT_FOUND)
+            }
+            ApiError::Stale { token, status } => {
+                metadata.insert("change_token".to_owned(), token.to_string());
+                metadata.insert("status".to_owned(), status.to_string());
+                (Code::Aborted, reason::CHANGE_TOKEN_STALE)
+            }
+            ApiError::Store(StoreError::Corrupt(_)) => (Code::Internal, reason::STORAGE_FAILURE),
+            ApiError::Store(_) => (Code::Unavailable, reason::STORAGE_UNAVAILABLE),
+            ApiError::ShuttingDown => (Code::Unavailable, reason::SHUTTING_DOWN),
+        };
+        Status::with_error_details(
+            code,
+            err.to_string(),
+            ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+        )
+    }
+}

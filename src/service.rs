@@ -1,0 +1,142 @@
+//! `ChangeTokenService`: validates requests, calls the store, and publishes
+//! the transitions the store committed.
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::ApiError,
+    hub::Hub,
+    propagation::Propagation,
+    proto::{
+        GetChangeTokenRequest, GetChangeTokenResponse, GetChangeTokenStatusRequest,
+        GetChangeTokenStatusResponse, SubmitChangeRequest, SubmitChangeResponse, WatchTokenRequest,
+        change_token_service_server::ChangeTokenService,
+    },
+    store::Store,
+    token::{Scope, TokenId},
+    watch::{self, WatchStream, proto_status},
+};
+
+/// The longest description accepted, in bytes.
+pub const MAX_DESCRIPTION: usize = 4096;
+
+/// The service's shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct ChangeTokens {
+    store: Store,
+    hub: Hub,
+    propagation: Propagation,
+    max_payload: usize,
+    shutdown: CancellationToken,
+}
+
+impl ChangeTokens {
+    /// Builds the service over its collaborators. Submissions over
+    /// `max_payload` bytes are refused.
+    pub fn new(
+        store: Store,
+        hub: Hub,
+        propagation: Propagation,
+        max_payload: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        ChangeTokens {
+            store,
+            hub,
+            propagation,
+            max_payload,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ChangeTokenService for ChangeTokens {
+    async fn get_change_token(
+        &self,
+        request: Request<GetChangeTokenRequest>,
+    ) -> Result<Response<GetChangeTokenResponse>, Status> {
+        let scope = Scope::parse(&request.get_ref().scope).map_err(ApiError::from)?;
+        let token = self.store.provision(&scope).await.map_err(ApiError::from)?;
+        tracing::debug!(scope = scope.as_str(), %token, "get change token");
+        Ok(Response::new(GetChangeTokenResponse {
+            change_token: token.to_string(),
+        }))
+    }
+
+    async fn get_change_token_status(
+        &self,
+        request: Request<GetChangeTokenStatusRequest>,
+    ) -> Result<Response<GetChangeTokenStatusResponse>, Status> {
+        let token: TokenId = request
+            .get_ref()
+            .change_token
+            .parse()
+            .map_err(ApiError::from)?;
+        let record = self.store.get(token).await.map_err(ApiError::from)?;
+        let record = record.ok_or(ApiError::NotFound(token))?;
+        Ok(Response::new(GetChangeTokenStatusResponse {
+            change_token_status: proto_status(record.status) as i32,
+        }))
+    }
+
+    async fn submit_change(
+        &self,
+        request: Request<SubmitChangeRequest>,
+    ) -> Result<Response<SubmitChangeResponse>, Status> {
+        let SubmitChangeRequest {
+            change_token,
+            payload,
+            description,
+        } = request.into_inner();
+        let token: TokenId = change_token.parse().map_err(ApiError::from)?;
+        if payload.len() > self.max_payload {
+            return Err(ApiError::PayloadTooLarge {
+                size: payload.len(),
+                limit: self.max_payload,
+            }
+            .into());
+        }
+        if description.len() > MAX_DESCRIPTION {
+            return Err(ApiError::DescriptionTooLong {
+                size: description.len(),
+                limit: MAX_DESCRIPTION,
+            }
+            .into());
+        }
+        let submitted = self
+            .store
+            .submit(token, payload, description)
+            .await
+            .map_err(ApiError::from)?;
+        let record = submitted.record;
+        if submitted.replay {
+            tracing::debug!(%token, revision = record.revision, "submit retried");
+        } else {
+            tracing::debug!(%token, revision = record.revision, "change accepted");
+            self.hub.publish(&record);
+            self.propagation.submitted(record.clone());
+        }
+        Ok(Response::new(SubmitChangeResponse {
+            change_token: token.to_string(),
+            revision: record.revision,
+        }))
+    }
+
+    type WatchTokenStream = WatchStream;
+
+    async fn watch_token(
+        &self,
+        request: Request<WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let token: TokenId = request
+            .get_ref()
+            .change_token
+            .parse()
+            .map_err(ApiError::from)?;
+        let stream = watch::open(&self.hub, &self.store, token, self.shutdown.clone()).await?;
+        tracing::debug!(%token, "watch opened");
+        Ok(Response::new(stream))
+    }
+}

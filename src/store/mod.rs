@@ -1,0 +1,382 @@
+//! Durable state in an embedded redb database. Nothing outside this module
+//! knows redb exists.
+//!
+//! Writes go through one writer thread that gathers every request waiting at
+//! the moment it starts a transaction into that transaction, so concurrent
+//! writers share one fsync (group commit). A write's reply is sent only after
+//! its transaction committed with immediate durability. Reads run in their own
+//! read transactions on the blocking pool and never wait for a commit.
+
+mod codec;
+mod writer;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+pub use codec::Change;
+use writer::{Job, Op, Reply};
+
+use crate::token::{Micros, Scope, Status, TokenId, TokenRecord};
+
+/// Token records by token.
+const TOKENS: TableDefinition<u128, &[u8]> = TableDefinition::new("tokens");
+/// The outstanding PROVISIONED token of each scope that has one.
+const SCOPES: TableDefinition<&str, u128> = TableDefinition::new("scopes");
+/// The change log, by revision.
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// The tokens that are PENDING, by revision.
+const PENDING: TableDefinition<u64, u128> = TableDefinition::new("pending");
+/// INSYNC tokens by (time they became INSYNC, revision), for retention.
+const EXPIRY: TableDefinition<(u64, u64), u128> = TableDefinition::new("expiry");
+/// Counters and the schema version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// `META` key of the last revision handed out.
+const HEAD: &str = "head_revision";
+/// `META` key of the layout version of the tables above.
+const SCHEMA: &str = "schema";
+const SCHEMA_VERSION: u64 = 1;
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "changetoken.redb";
+
+/// Why the data directory could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory does not exist and cannot be created.
+    #[error("cannot create data directory {}: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it could not be created.
+        source: std::io::Error,
+    },
+    /// Another process holds the database.
+    #[error("data directory {} is in use by another changetoken process", path.display())]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// redb refused to open the file.
+    #[error("cannot open database {}: {source}", path.display())]
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// What redb reported.
+        source: redb::Error,
+    },
+    /// The file was written by a newer, incompatible version.
+    #[error("database {} has schema version {found}, this build reads {SCHEMA_VERSION}",
+        path.display())]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// The version it records.
+        found: u64,
+    },
+}
+
+/// A storage operation that failed. Nothing was acknowledged for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The disk or the database refused the operation; it may succeed if retried.
+    #[error("storage i/o failed: {0}")]
+    Io(Arc<redb::Error>),
+    /// The database contents are not what this build wrote.
+    #[error("storage is corrupt: {0}")]
+    Corrupt(String),
+    /// The store is shutting down and accepts no more writes.
+    #[error("storage is closed")]
+    Closed,
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(err: redb::Error) -> Self {
+        match err {
+            redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
+            other => StoreError::Io(Arc::new(other)),
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(err: $t) -> Self {
+                redb::Error::from(err).into()
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError
+);
+
+impl From<codec::Corrupt> for StoreError {
+    fn from(err: codec::Corrupt) -> Self {
+        StoreError::Corrupt(err.to_string())
+    }
+}
+
+/// Why a change was not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// The token was never issued, or retention deleted it.
+    #[error("change token {0} does not exist")]
+    NotFound(TokenId),
+    /// The token was already used for a different change.
+    #[error("change token {token} is no longer current: it is {status}")]
+    Stale {
+        /// The stale token.
+        token: TokenId,
+        /// Its current status.
+        status: Status,
+    },
+    /// The store failed; the change was not accepted.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An accepted change.
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    /// The token's record after the submission.
+    pub record: TokenRecord,
+    /// True when this was an identical retry of an earlier submission: nothing
+    /// was written and no transition happened.
+    pub replay: bool,
+}
+
+/// A handle to the database. Clones share the database and its writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    /// Closing waits for the batch in flight, so the database file is released
+    /// when the last handle is gone.
+    fn drop(&mut self) {
+        drop(self.jobs.lock().ok().and_then(|mut jobs| jobs.take()));
+        if let Some(handle) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir`. Fails if another
+    /// process has it open.
+    pub fn open(dir: &Path) -> Result<Store, OpenError> {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(DB_FILE);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(OpenError::InUse {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(err) => {
+                return Err(OpenError::Database {
+                    path,
+                    source: err.into(),
+                });
+            }
+        };
+        let found = init_schema(&db).map_err(|source| OpenError::Database {
+            path: path.clone(),
+            source,
+        })?;
+        if found != SCHEMA_VERSION {
+            return Err(OpenError::Schema { path, found });
+        }
+        tracing::debug!(path = %path.display(), "database open");
+
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        let handle = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer::run(&writer_db, rx))
+            .expect("spawning the store writer thread");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                jobs: Mutex::new(Some(tx)),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    async fn write(&self, op: Op) -> Result<Reply, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let jobs = self.inner.jobs.lock().map_err(|_| StoreError::Closed)?;
+            let jobs = jobs.as_ref().ok_or(StoreError::Closed)?;
+            jobs.send(Job { op, reply })
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || f(&db.begin_read()?))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Returns the scope's outstanding PROVISIONED token, minting and storing a
+    /// new one if the scope has none.
+    pub async fn provision(&self, scope: &Scope) -> Result<TokenId, StoreError> {
+        let key = scope.as_str().to_owned();
+        let outstanding = self
+            .read(move |txn| {
+                let scopes = txn.open_table(SCOPES)?;
+                Ok(scopes
+                    .get(key.as_str())?
+                    .map(|t| TokenId::from_u128(t.value())))
+            })
+            .await?;
+        if let Some(token) = outstanding {
+            return Ok(token);
+        }
+        match self
+            .write(Op::Provision {
+                scope: scope.clone(),
+            })
+            .await?
+        {
+            Reply::Provisioned(token) => Ok(token),
+            other => unreachable!("provision answered with {other:?}"),
+        }
+    }
+
+    /// Moves a PROVISIONED token to PENDING and appends its change at the next
+    /// revision, or recognises an identical retry of an earlier submission.
+    pub async fn submit(
+        &self,
+        token: TokenId,
+        payload: Vec<u8>,
+        description: String,
+    ) -> Result<Submitted, SubmitError> {
+        match self
+            .write(Op::Submit {
+                token,
+                payload,
+                description,
+            })
+            .await?
+        {
+            Reply::Submitted(result) => result,
+            other => unreachable!("submit answered with {other:?}"),
+        }
+    }
+
+    /// Moves each of `tokens` that is PENDING to INSYNC and returns the records
+    /// that moved; tokens in any other state are left alone.
+    pub async fn mark_insync(&self, tokens: Vec<TokenId>) -> Result<Vec<TokenRecord>, StoreError> {
+        match self.write(Op::MarkInSync { tokens }).await? {
+            Reply::InSync(records) => Ok(records),
+            other => unreachable!("mark_insync answered with {other:?}"),
+        }
+    }
+
+    /// Deletes up to `limit` tokens that became INSYNC before `cutoff`, with
+    /// their changes. Returns how many were deleted.
+    pub async fn purge(&self, cutoff: Micros, limit: usize) -> Result<usize, StoreError> {
+        match self.write(Op::Purge { cutoff, limit }).await? {
+            Reply::Purged(n) => Ok(n),
+            other => unreachable!("purge answered with {other:?}"),
+        }
+    }
+
+    /// The token's record, if it exists.
+    pub async fn get(&self, token: TokenId) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(move |txn| {
+            let tokens = txn.open_table(TOKENS)?;
+            let value = tokens.get(token.as_u128())?;
+            Ok(value
+                .map(|v| codec::decode_token(token, v.value()))
+                .transpose()?)
+        })
+        .await
+    }
+
+    /// The change at `revision`, if the log still holds it.
+    pub async fn change(&self, revision: u64) -> Result<Option<Change>, StoreError> {
+        self.read(move |txn| {
+            let changes = txn.open_table(CHANGES)?;
+            let value = changes.get(revision)?;
+            Ok(value
+                .map(|v| codec::decode_change(v.value()).map(|c| c.to_owned()))
+                .transpose()?)
+        })
+        .await
+    }
+
+    /// Every PENDING token, in revision order.
+    pub async fn pending(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|txn| {
+            let pending = txn.open_table(PENDING)?;
+            let tokens = txn.open_table(TOKENS)?;
+            let mut out = Vec::new();
+            for entry in pending.iter()? {
+                let token = TokenId::from_u128(entry?.1.value());
+                let value = tokens.get(token.as_u128())?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("pending token {token} has no record"))
+                })?;
+                out.push(codec::decode_token(token, value.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+/// Creates every table and records the schema version of a new database;
+/// returns the version found.
+fn init_schema(db: &Database) -> Result<u64, redb::Error> {
+    let txn = db.begin_write()?;
+    let version = {
+        txn.open_table(TOKENS)?;
+        txn.open_table(SCOPES)?;
+        txn.open_table(CHANGES)?;
+        txn.open_table(PENDING)?;
+        txn.open_table(EXPIRY)?;
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get(SCHEMA)?.map(|v| v.value());
+        match found {
+            Some(version) => version,
+            None => {
+                meta.insert(SCHEMA, SCHEMA_VERSION)?;
+                SCHEMA_VERSION
+            }
+        }
+    };
+    txn.commit()?;
+    Ok(version)
+}
