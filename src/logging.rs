@@ -2,6 +2,8 @@
 //! `CHANGETOKEN_LOG` (an `EnvFilter` directive such as `debug` or
 //! `changetoken=debug,h2=warn`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// The environment variable holding the log filter.
@@ -20,7 +22,10 @@ pub enum LogFormat {
 /// `CHANGETOKEN_LOG` is unset or invalid.
 pub fn init(format: LogFormat, default: &str) {
     let filter = EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

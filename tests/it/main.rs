@@ -1,0 +1,9 @@
+//! Integration tests: the real server on a real port with a real database on
+//! disk, driven by generated clients, the CLI and the binary itself.
+
+mod cli;
+mod common;
+mod durability;
+mod interop;
+mod rpc;
+mod watch;
