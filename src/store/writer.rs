@@ -129,7 +129,12 @@ impl<'txn> Tables<'txn> {
                 token,
                 payload,
                 description,
-            } => Reply::Submitted(self.submit(token, &payload, &description, now)),
+            } => match self.submit(token, &payload, &description, now) {
+                // A storage failure part-way through a submission dooms the
+                // batch, so no half-applied submission is ever committed.
+                Err(SubmitError::Store(err)) => return Err(err),
+                outcome => Reply::Submitted(outcome),
+            },
             Op::MarkInSync { tokens } => Reply::InSync(self.mark_insync(&tokens, now)?),
             Op::Purge { cutoff, limit } => Reply::Purged(self.purge(cutoff, limit)?),
         })
