@@ -105,19 +105,25 @@ impl ChangeTokenService for ChangeTokens {
             }
             .into());
         }
-        let submitted = self
-            .store
-            .submit(token, payload, description)
-            .await
-            .map_err(ApiError::from)?;
+        // The commit and its publication run in their own task: a client that
+        // gives up mid-call must not cut off the publication of a transition
+        // that was committed for it.
+        let (store, hub, propagation) = (
+            self.store.clone(),
+            self.hub.clone(),
+            self.propagation.clone(),
+        );
+        let accepted = tokio::spawn(async move {
+            let submitted = store.submit(token, payload, description).await?;
+            if !submitted.replay {
+                hub.publish(&submitted.record);
+                propagation.submitted(submitted.record.clone());
+            }
+            Ok::<_, ApiError>(submitted)
+        });
+        let submitted = accepted.await.map_err(|_| ApiError::ShuttingDown)??;
         let record = submitted.record;
-        if submitted.replay {
-            tracing::debug!(%token, revision = record.revision, "submit retried");
-        } else {
-            tracing::debug!(%token, revision = record.revision, "change accepted");
-            self.hub.publish(&record);
-            self.propagation.submitted(record.clone());
-        }
+        tracing::debug!(%token, revision = record.revision, replay = submitted.replay, "submit");
         Ok(Response::new(SubmitChangeResponse {
             change_token: token.to_string(),
             revision: record.revision,

@@ -9,7 +9,9 @@ use tokio::process::Command;
 use crate::common::TestServer;
 
 fn tool(relative: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools").join(relative);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/tools")
+        .join(relative);
     assert!(
         path.exists(),
         "{} is missing: run scripts/tools (scripts/test does) to install the interop tools",
@@ -33,8 +35,16 @@ async fn run_script(program: PathBuf, args: &[&str]) {
         .expect("interop script did not start");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{} failed:\n{stdout}\n{stderr}", program.display());
-    assert!(stdout.contains(": ok"), "no success line from {}:\n{stdout}", program.display());
+    assert!(
+        output.status.success(),
+        "{} failed:\n{stdout}\n{stderr}",
+        program.display()
+    );
+    assert!(
+        stdout.contains(": ok"),
+        "no success line from {}:\n{stdout}",
+        program.display()
+    );
     server.stop().await;
 }
 

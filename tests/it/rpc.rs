@@ -16,7 +16,12 @@ async fn token(client: &mut Client, scope: &str) -> String {
     let request = GetChangeTokenRequest {
         scope: scope.to_owned(),
     };
-    client.get_change_token(request).await.expect("GetChangeToken").into_inner().change_token
+    client
+        .get_change_token(request)
+        .await
+        .expect("GetChangeToken")
+        .into_inner()
+        .change_token
 }
 
 async fn status(client: &mut Client, token: &str) -> Result<ChangeTokenStatus, tonic::Status> {
@@ -65,12 +70,18 @@ async fn get_change_token_returns_the_outstanding_token_until_it_is_used() {
     assert_eq!(first, first.to_lowercase());
     assert_eq!(&first[14..15], "4", "not a version-4 UUID: {first}");
     assert_eq!(token(&mut client, "").await, first);
-    assert_eq!(status(&mut client, &first).await.unwrap(), ChangeTokenStatus::Provisioned);
+    assert_eq!(
+        status(&mut client, &first).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
 
     submit(&mut client, &first, b"x", "").await.unwrap();
     let second = token(&mut client, "").await;
     assert_ne!(second, first, "a used token was handed out again");
-    assert_eq!(status(&mut client, &second).await.unwrap(), ChangeTokenStatus::Provisioned);
+    assert_eq!(
+        status(&mut client, &second).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
 }
 
 #[tokio::test]
@@ -83,7 +94,11 @@ async fn each_scope_has_its_own_outstanding_token() {
     assert_eq!(HashSet::from([&default, &a, &b]).len(), 3);
 
     submit(&mut client, &a, b"a", "").await.unwrap();
-    assert_eq!(token(&mut client, "waf/acl-b").await, b, "using a's token disturbed b");
+    assert_eq!(
+        token(&mut client, "waf/acl-b").await,
+        b,
+        "using a's token disturbed b"
+    );
     assert_eq!(token(&mut client, "").await, default);
     assert_ne!(token(&mut client, "waf/acl-a").await, a);
 }
@@ -95,10 +110,15 @@ async fn submit_moves_the_token_to_pending_then_insync_with_increasing_revisions
     let mut last = 0;
     for scope in ["", "x", "y", ""] {
         let t = token(&mut client, scope).await;
-        let revision = submit(&mut client, &t, scope.as_bytes(), "change").await.unwrap();
+        let revision = submit(&mut client, &t, scope.as_bytes(), "change")
+            .await
+            .unwrap();
         assert!(revision > last, "revision {revision} after {last}");
         last = revision;
-        assert_eq!(status(&mut client, &t).await.unwrap(), ChangeTokenStatus::Pending);
+        assert_eq!(
+            status(&mut client, &t).await.unwrap(),
+            ChangeTokenStatus::Pending
+        );
         wait_insync(&mut client, &t).await;
     }
 }
@@ -109,10 +129,19 @@ async fn an_identical_retry_answers_the_original_revision_and_anything_else_is_s
     let mut client = server.client().await;
     let t = token(&mut client, "retry").await;
     let revision = submit(&mut client, &t, b"payload", "desc").await.unwrap();
-    assert_eq!(submit(&mut client, &t, b"payload", "desc").await.unwrap(), revision);
+    assert_eq!(
+        submit(&mut client, &t, b"payload", "desc").await.unwrap(),
+        revision
+    );
 
-    for (payload, description) in [(&b"other"[..], "desc"), (&b"payload"[..], "other"), (&b""[..], "")] {
-        let err = submit(&mut client, &t, payload, description).await.unwrap_err();
+    for (payload, description) in [
+        (&b"other"[..], "desc"),
+        (&b"payload"[..], "other"),
+        (&b""[..], ""),
+    ] {
+        let err = submit(&mut client, &t, payload, description)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Aborted);
         assert_eq!(reason(&err), "CHANGE_TOKEN_STALE");
     }
@@ -136,14 +165,23 @@ async fn unknown_tokens_are_not_found() {
     let server = TestServer::start(|_| {}).await;
     let mut client = server.client().await;
     let err = status(&mut client, UNISSUED).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND")
+    );
     let err = submit(&mut client, UNISSUED, b"p", "").await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND")
+    );
     let request = WatchTokenRequest {
         change_token: UNISSUED.to_owned(),
     };
     let err = client.watch_token(request).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND"));
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::NotFound, "CHANGE_TOKEN_NOT_FOUND")
+    );
 }
 
 #[tokio::test]
@@ -161,7 +199,12 @@ async fn malformed_tokens_and_scopes_are_invalid_arguments_that_say_what_is_expe
         let err = status(&mut client, bad).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
         assert_eq!(reason(&err), "INVALID_CHANGE_TOKEN");
-        assert!(err.message().contains("lowercase hyphenated version-4 UUID"), "{}", err.message());
+        assert!(
+            err.message()
+                .contains("lowercase hyphenated version-4 UUID"),
+            "{}",
+            err.message()
+        );
         let err = submit(&mut client, bad, b"", "").await.unwrap_err();
         assert_eq!(reason(&err), "INVALID_CHANGE_TOKEN");
         let request = WatchTokenRequest {
@@ -188,16 +231,31 @@ async fn oversized_submissions_are_refused_and_change_nothing() {
     let mut client = server.client().await;
     let t = token(&mut client, "big").await;
     for size in [1025, 2048, 4096] {
-        let err = submit(&mut client, &t, &vec![7; size], "").await.unwrap_err();
+        let err = submit(&mut client, &t, &vec![7; size], "")
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "payload of {size} bytes");
         assert_eq!(reason(&err), "PAYLOAD_TOO_LARGE");
     }
-    let err = submit(&mut client, &t, b"", &"d".repeat(4097)).await.unwrap_err();
-    assert_eq!((err.code(), reason(&err).as_str()), (Code::InvalidArgument, "DESCRIPTION_TOO_LONG"));
+    let err = submit(&mut client, &t, b"", &"d".repeat(4097))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::InvalidArgument, "DESCRIPTION_TOO_LONG")
+    );
 
-    assert_eq!(status(&mut client, &t).await.unwrap(), ChangeTokenStatus::Provisioned);
+    assert_eq!(
+        status(&mut client, &t).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
     assert_eq!(token(&mut client, "big").await, t);
-    assert_eq!(submit(&mut client, &t, &[7; 1024], &"d".repeat(4096)).await.unwrap(), 1);
+    assert_eq!(
+        submit(&mut client, &t, &[7; 1024], &"d".repeat(4096))
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +287,11 @@ async fn racing_writers_on_one_scope_get_exactly_one_winner_per_token() {
         }
         assert!(!winners.is_empty(), "round {round}: nobody won");
         let revisions: HashSet<_> = winners.values().collect();
-        assert_eq!(revisions.len(), winners.len(), "a revision was handed out twice");
+        assert_eq!(
+            revisions.len(),
+            winners.len(),
+            "a revision was handed out twice"
+        );
     }
 }
 
@@ -245,7 +307,11 @@ async fn writers_of_different_scopes_never_collide() {
             for n in 0..20 {
                 let t = token(&mut client, &format!("scope-{scope}")).await;
                 let payload = format!("{scope}/{n}");
-                revisions.push(submit(&mut client, &t, payload.as_bytes(), "").await.expect("stale"));
+                revisions.push(
+                    submit(&mut client, &t, payload.as_bytes(), "")
+                        .await
+                        .expect("stale"),
+                );
             }
             revisions
         });
@@ -276,11 +342,20 @@ async fn every_state_survives_a_restart_on_the_same_data_directory() {
     let server = start(0).await;
     let mut client = server.client().await;
     assert_eq!(token(&mut client, "kept").await, provisioned);
-    assert_eq!(status(&mut client, &provisioned).await.unwrap(), ChangeTokenStatus::Provisioned);
+    assert_eq!(
+        status(&mut client, &provisioned).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
     wait_insync(&mut client, &pending).await;
-    assert_eq!(submit(&mut client, &pending, b"p", "d").await.unwrap(), revision);
+    assert_eq!(
+        submit(&mut client, &pending, b"p", "d").await.unwrap(),
+        revision
+    );
     let next = token(&mut client, "other").await;
-    assert_eq!(submit(&mut client, &next, b"n", "").await.unwrap(), revision + 1);
+    assert_eq!(
+        submit(&mut client, &next, b"n", "").await.unwrap(),
+        revision + 1
+    );
 }
 
 #[tokio::test]
@@ -291,25 +366,38 @@ async fn retention_deletes_insync_tokens_and_nothing_else() {
     let t = token(&mut client, "used").await;
     submit(&mut client, &t, b"p", "").await.unwrap();
     let check = client.clone();
-    eventually(Duration::from_secs(10), "retention to delete the token", || {
-        let mut client = check.clone();
-        let t = t.clone();
-        async move {
-            let err = status(&mut client, &t).await.err()?;
-            assert_eq!(reason(&err), "CHANGE_TOKEN_NOT_FOUND");
-            Some(())
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "retention to delete the token",
+        || {
+            let mut client = check.clone();
+            let t = t.clone();
+            async move {
+                let err = status(&mut client, &t).await.err()?;
+                assert_eq!(reason(&err), "CHANGE_TOKEN_NOT_FOUND");
+                Some(())
+            }
+        },
+    )
     .await;
-    assert_eq!(status(&mut client, &kept).await.unwrap(), ChangeTokenStatus::Provisioned);
+    assert_eq!(
+        status(&mut client, &kept).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
     assert_eq!(token(&mut client, "unused").await, kept);
 }
 
 #[tokio::test]
 async fn health_is_serving_while_up_and_not_serving_once_shutdown_begins() {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let server = TestServer::start(|_| {}).await;
-    let channel = tonic::transport::Channel::from_shared(server.endpoint()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = HealthClient::new(channel);
     for service in ["", "changetoken.v1.ChangeTokenService"] {
         let request = HealthCheckRequest {
@@ -325,7 +413,39 @@ async fn health_is_serving_while_up_and_not_serving_once_shutdown_begins() {
     let first = updates.message().await.unwrap().unwrap();
     assert_eq!(first.status(), ServingStatus::Serving);
     let stopping = tokio::spawn(server.stop());
-    let next = tokio::time::timeout(Duration::from_secs(10), updates.message()).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), updates.message())
+        .await
+        .unwrap();
     assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
     stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_whose_caller_gave_up_still_reaches_insync() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let mut abandoned = Vec::new();
+    for n in 0..20 {
+        let t = token(&mut client, &format!("impatient-{n}")).await;
+        let mut request = tonic::Request::new(SubmitChangeRequest {
+            change_token: t.clone(),
+            payload: b"p".to_vec(),
+            description: String::new(),
+        });
+        request.set_timeout(Duration::from_micros(200));
+        if client.submit_change(request).await.is_err() {
+            abandoned.push(t);
+        }
+    }
+    let mut committed = 0;
+    for t in &abandoned {
+        if status(&mut client, t).await.unwrap() != ChangeTokenStatus::Provisioned {
+            committed += 1;
+            wait_insync(&mut client, t).await;
+        }
+    }
+    assert!(
+        committed > 0,
+        "no abandoned submission was committed; the test proved nothing"
+    );
 }
