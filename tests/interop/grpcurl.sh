@@ -79,5 +79,7 @@ if out=$(rpc "$svc/GetChangeTokenStatus" '{"change_token":"nope"}'); then
   fail "GetChangeTokenStatus of 'nope' succeeded: $out"
 fi
 grep -q InvalidArgument <<<"$out" || fail "GetChangeTokenStatus of 'nope': $out"
+# The ErrorInfo detail decodes through reflection, reason included.
+grep -q '"reason":"INVALID_CHANGE_TOKEN"' <<<"$out" || fail "no decoded ErrorInfo reason: $out"
 
 echo "grpcurl: ok"
