@@ -36,6 +36,17 @@ pub mod reason {
     pub const STORAGE_FAILURE: &str = "STORAGE_FAILURE";
     /// The server is shutting down; reconnect, possibly to another instance.
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    /// A node id is not 1 to 128 characters of `[A-Za-z0-9._-]`.
+    pub const INVALID_NODE_ID: &str = "INVALID_NODE_ID";
+    /// A Sync stream broke the protocol (no hello first, a second hello, an
+    /// acknowledgement of a revision that was not sent).
+    pub const SYNC_PROTOCOL: &str = "SYNC_PROTOCOL";
+    /// A node claims a revision beyond the head of the log.
+    pub const NODE_AHEAD_OF_LOG: &str = "NODE_AHEAD_OF_LOG";
+    /// A node needs changes that retention already deleted.
+    pub const NODE_BEHIND_LOG: &str = "NODE_BEHIND_LOG";
+    /// A newer Sync stream with the same node id took over.
+    pub const NODE_REPLACED: &str = "NODE_REPLACED";
 }
 
 /// Why an RPC failed.
@@ -83,6 +94,41 @@ pub enum ApiError {
     /// The server is shutting down.
     #[error("the server is shutting down; reconnect and retry")]
     ShuttingDown,
+    /// A malformed node id.
+    #[error(transparent)]
+    InvalidNodeId(#[from] crate::fleet::InvalidNodeId),
+    /// A Sync stream broke the protocol.
+    #[error("sync protocol violation: {0}")]
+    SyncProtocol(String),
+    /// A node claims a revision beyond the head of the log.
+    #[error(
+        "node {node} claims revision {applied} but the change log ends at revision {head}: \
+         its state belongs to another service or this service lost data; \
+         reset the node's state and rejoin as a new node"
+    )]
+    NodeAheadOfLog {
+        /// The node.
+        node: String,
+        /// The revision it claims.
+        applied: u64,
+        /// The head of the log.
+        head: u64,
+    },
+    /// A node needs changes that retention already deleted.
+    #[error(
+        "node {node} applied revision {applied} but the change log no longer holds revision {}: \
+         bring the node up to date by other means, then reset its state and rejoin as a new node",
+        applied + 1
+    )]
+    NodeBehindLog {
+        /// The node.
+        node: String,
+        /// The revision it claims.
+        applied: u64,
+    },
+    /// A newer Sync stream with the same node id took over.
+    #[error("node {0} connected again on another stream; this one is closed")]
+    NodeReplaced(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -130,6 +176,21 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::Corrupt(_)) => (Code::Internal, reason::STORAGE_FAILURE),
             ApiError::Store(_) => (Code::Unavailable, reason::STORAGE_UNAVAILABLE),
             ApiError::ShuttingDown => (Code::Unavailable, reason::SHUTTING_DOWN),
+            ApiError::InvalidNodeId(_) => (Code::InvalidArgument, reason::INVALID_NODE_ID),
+            ApiError::SyncProtocol(_) => (Code::InvalidArgument, reason::SYNC_PROTOCOL),
+            ApiError::NodeAheadOfLog { node, head, .. } => {
+                metadata.insert("node_id".to_owned(), node.clone());
+                metadata.insert("head_revision".to_owned(), head.to_string());
+                (Code::FailedPrecondition, reason::NODE_AHEAD_OF_LOG)
+            }
+            ApiError::NodeBehindLog { node, .. } => {
+                metadata.insert("node_id".to_owned(), node.clone());
+                (Code::FailedPrecondition, reason::NODE_BEHIND_LOG)
+            }
+            ApiError::NodeReplaced(node) => {
+                metadata.insert("node_id".to_owned(), node.clone());
+                (Code::Aborted, reason::NODE_REPLACED)
+            }
         };
         Status::with_error_details(
             code,

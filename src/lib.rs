@@ -12,6 +12,8 @@
 //! - [`token`]: tokens, scopes, statuses, records: validated domain types.
 //! - [`store`]: the redb database; the only module that knows redb.
 //! - [`hub`], [`watch`]: transition fan-out and the per-watcher stream.
+//! - [`fleet`], [`sync`]: fleet membership, the INSYNC rule, and the Sync
+//!   streams through which nodes follow the change log.
 //! - [`propagation`], [`retention`]: background tasks.
 //! - [`error`]: API errors and their single mapping to gRPC statuses.
 
@@ -20,6 +22,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod fleet;
 pub mod hub;
 pub mod logging;
 pub mod propagation;
@@ -28,5 +31,6 @@ pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sync;
 pub mod token;
 pub mod watch;

@@ -1,17 +1,20 @@
-//! The propagation worker: turns PENDING tokens into INSYNC ones and
-//! publishes each of those transitions to the hub exactly once.
+//! The propagation worker: decides when PENDING tokens are INSYNC, persists
+//! fleet membership, and publishes each INSYNC transition to the hub exactly
+//! once.
 //!
-//! With no fleet, a change is INSYNC once it has been durable for the
-//! propagation delay. The worker learns of new changes from the submit path
-//! and, at start, of every token left PENDING by an earlier run, so no PENDING
-//! token is forgotten across a restart. The store moves a token only if it is
-//! still PENDING, and the worker publishes only what the store moved, so a
-//! token learned of twice is still published once.
+//! The worker owns the [`Fleet`] and the set of PENDING tokens. It learns of
+//! new changes from the submit path, of nodes from the Sync streams, and at
+//! start, of every token left PENDING and every member persisted by an earlier
+//! run. A token moves only if the store still has it PENDING, and the worker
+//! publishes only what the store moved, so a token learned of twice is still
+//! published once. Membership changes are durable before a node is welcomed;
+//! acknowledgements are persisted with the next transition or within
+//! [`FLUSH_EVERY`], and a node that reconnects reports its own progress anyway.
 
-use std::{cmp::Reverse, collections::BinaryHeap, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use tokio::{
-    sync::mpsc,
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
     time::{Instant, sleep, sleep_until},
 };
@@ -19,20 +22,68 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    error::ApiError,
+    fleet::{Fleet, NodeView, Watermark},
     hub::Hub,
-    store::Store,
-    token::{TokenId, TokenRecord, now_micros},
+    store::{MemberUpdate, Store, StoreError},
+    token::{Micros, TokenId, TokenRecord, now_micros},
 };
 
 /// How long the worker waits before retrying after a storage failure.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// The longest an acknowledgement stays only in memory.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The most tokens moved in one store operation.
 const MAX_BATCH: usize = 4096;
 
-/// Tells the worker about newly PENDING tokens. Clones share the worker.
+/// How the worker decides.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// With no fleet, how long a change stays PENDING.
+    pub delay: Duration,
+    /// How long a disconnected member keeps blocking.
+    pub member_timeout: Duration,
+    /// The fewest members that must acknowledge a change.
+    pub min_fleet_size: usize,
+}
+
+/// The fleet as operators see it.
+#[derive(Clone, Debug)]
+pub struct FleetView {
+    /// The latest revision of the log.
+    pub head: u64,
+    /// Every member, ordered by id.
+    pub nodes: Vec<NodeView>,
+}
+
+enum Event {
+    Submitted(TokenRecord),
+    Join {
+        node: String,
+        acked: u64,
+        connection: u64,
+        kick: CancellationToken,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Ack {
+        node: String,
+        connection: u64,
+        revision: u64,
+    },
+    Left {
+        node: String,
+        connection: u64,
+    },
+    List {
+        reply: oneshot::Sender<FleetView>,
+    },
+}
+
+/// A handle to the worker. Clones share it.
 #[derive(Clone)]
 pub struct Propagation {
-    submitted: mpsc::UnboundedSender<TokenRecord>,
+    events: mpsc::UnboundedSender<Event>,
+    head: std::sync::Arc<watch::Sender<u64>>,
 }
 
 impl Propagation {
@@ -40,112 +91,307 @@ impl Propagation {
     pub fn spawn(
         store: Store,
         hub: Hub,
-        delay: Duration,
+        settings: Settings,
         shutdown: CancellationToken,
     ) -> (Propagation, JoinHandle<()>) {
-        let (submitted, rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::unbounded_channel();
+        let (head, _) = watch::channel(0);
         let worker = Worker {
             store,
             hub,
-            delay,
-            due: BinaryHeap::new(),
+            settings,
+            pending: BTreeMap::new(),
+            fleet: Fleet::restore(Vec::new(), settings.member_timeout, settings.min_fleet_size),
+            head: 0,
+            retry_at: None,
+            last_flush: Instant::now(),
+            unsaved: Vec::new(),
         };
-        let span = tracing::info_span!("propagation", delay = ?delay);
+        let span = tracing::info_span!("propagation");
         let handle = tokio::spawn(worker.run(rx, shutdown).instrument(span));
-        (Propagation { submitted }, handle)
+        let head = std::sync::Arc::new(head);
+        (Propagation { events, head }, handle)
     }
 
-    /// Hands a token that just became PENDING to the worker.
+    /// Hands a token that just became PENDING to the worker and wakes the
+    /// Sync streams waiting for the next change.
     pub fn submitted(&self, record: TokenRecord) {
+        let revision = record.revision;
         // The worker only stops at shutdown; a token it misses then is
         // PENDING on disk and is picked up at the next start.
-        let _ = self.submitted.send(record);
+        let _ = self.events.send(Event::Submitted(record));
+        self.head.send_if_modified(|head| {
+            let newer = revision > *head;
+            if newer {
+                *head = revision;
+            }
+            newer
+        });
+    }
+
+    /// A receiver that changes whenever a new change is committed.
+    pub fn head_changes(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// Makes `node` a member that applied everything up to `acked`, durably,
+    /// on connection `connection`; a previous connection is cancelled.
+    pub async fn join(
+        &self,
+        node: String,
+        acked: u64,
+        connection: u64,
+        kick: CancellationToken,
+    ) -> Result<(), ApiError> {
+        let (reply, rx) = oneshot::channel();
+        let event = Event::Join {
+            node,
+            acked,
+            connection,
+            kick,
+            reply,
+        };
+        self.events
+            .send(event)
+            .map_err(|_| ApiError::ShuttingDown)?;
+        Ok(rx.await.map_err(|_| ApiError::ShuttingDown)??)
+    }
+
+    /// Records that `node` applied everything up to `revision`.
+    pub fn ack(&self, node: &str, connection: u64, revision: u64) {
+        let _ = self.events.send(Event::Ack {
+            node: node.to_owned(),
+            connection,
+            revision,
+        });
+    }
+
+    /// Records that a node's connection ended.
+    pub fn left(&self, node: &str, connection: u64) {
+        let _ = self.events.send(Event::Left {
+            node: node.to_owned(),
+            connection,
+        });
+    }
+
+    /// The members and the head of the log.
+    pub async fn fleet(&self) -> Result<FleetView, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.events
+            .send(Event::List { reply })
+            .map_err(|_| ApiError::ShuttingDown)?;
+        rx.await.map_err(|_| ApiError::ShuttingDown)
     }
 }
 
 struct Worker {
     store: Store,
     hub: Hub,
-    delay: Duration,
-    due: BinaryHeap<Reverse<(Instant, u64, TokenId)>>,
+    settings: Settings,
+    /// PENDING tokens by revision, with the time they became PENDING.
+    pending: BTreeMap<u64, (TokenId, Micros)>,
+    fleet: Fleet,
+    head: u64,
+    retry_at: Option<Instant>,
+    last_flush: Instant,
+    /// Membership updates whose write failed, to be written with the next.
+    unsaved: Vec<MemberUpdate>,
 }
 
 impl Worker {
     async fn run(
         mut self,
-        mut submitted: mpsc::UnboundedReceiver<TokenRecord>,
+        mut events: mpsc::UnboundedReceiver<Event>,
         shutdown: CancellationToken,
     ) {
-        let recovered = loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                loaded = self.store.pending() => match loaded {
-                    Ok(records) => break records,
-                    Err(err) => {
-                        tracing::warn!(cause = %err, "cannot load pending tokens; retrying");
-                        sleep(RETRY_AFTER).await;
-                    }
-                }
-            }
-        };
-        if !recovered.is_empty() {
-            tracing::info!(count = recovered.len(), "resuming pending tokens");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = self.recover() => {}
         }
-        for record in recovered {
-            self.schedule(&record);
-        }
-
         loop {
-            let next_due = self.due.peek().map(|Reverse((at, ..))| *at);
+            self.advance().await;
+            let wake = self.next_wake();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(record) = submitted.recv() => self.schedule(&record),
-                _ = sleep_until(next_due.unwrap_or_else(far_future)), if next_due.is_some() => {
-                    self.complete_due().await;
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    self.handle(event).await;
+                    while let Ok(event) = events.try_recv() {
+                        self.handle(event).await;
+                    }
                 }
+                _ = sleep_until(wake.unwrap_or_else(far_future)), if wake.is_some() => {}
             }
         }
         tracing::debug!("propagation worker stopped");
     }
 
-    fn schedule(&mut self, record: &TokenRecord) {
-        let due_micros = record
-            .pending_at
-            .saturating_add(self.delay.as_micros() as u64);
-        let wait = Duration::from_micros(due_micros.saturating_sub(now_micros()));
-        self.due.push(Reverse((
-            Instant::now() + wait,
-            record.revision,
-            record.token,
-        )));
+    /// Loads what an earlier run left, retrying until the store answers.
+    async fn recover(&mut self) {
+        loop {
+            let loaded = async {
+                Ok::<_, StoreError>((
+                    self.store.pending().await?,
+                    self.store.members().await?,
+                    self.store.head().await?,
+                ))
+            };
+            match loaded.await {
+                Ok((pending, members, head)) => {
+                    if !pending.is_empty() || !members.is_empty() {
+                        tracing::info!(
+                            pending = pending.len(),
+                            members = members.len(),
+                            "resuming pending tokens and fleet members"
+                        );
+                    }
+                    for record in pending {
+                        self.pending
+                            .insert(record.revision, (record.token, record.pending_at));
+                    }
+                    let s = self.settings;
+                    self.fleet = Fleet::restore(members, s.member_timeout, s.min_fleet_size);
+                    self.head = head;
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot load pending tokens; retrying");
+                    sleep(RETRY_AFTER).await;
+                }
+            }
+        }
     }
 
-    async fn complete_due(&mut self) {
-        let now = Instant::now();
-        let mut batch = Vec::new();
-        while let Some(Reverse((at, ..))) = self.due.peek() {
-            if *at > now || batch.len() == MAX_BATCH {
-                break;
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Submitted(record) => {
+                self.head = self.head.max(record.revision);
+                self.pending
+                    .insert(record.revision, (record.token, record.pending_at));
             }
-            let Reverse((at, revision, token)) = self.due.pop().expect("peeked");
-            batch.push((at, revision, token));
+            Event::Join {
+                node,
+                acked,
+                connection,
+                kick,
+                reply,
+            } => {
+                let update = self.fleet.join(&node, acked, connection, kick);
+                self.unsaved.retain(|u| !u.is_for(&node));
+                let result = self.store.advance(Vec::new(), vec![update]).await.map(drop);
+                if result.is_ok() {
+                    tracing::info!(node, acked, "node joined");
+                }
+                let _ = reply.send(result);
+            }
+            Event::Ack {
+                node,
+                connection,
+                revision,
+            } => {
+                self.fleet.ack(&node, connection, revision);
+            }
+            Event::Left { node, connection } => {
+                self.fleet.left(&node, connection);
+                tracing::info!(node, "node disconnected");
+            }
+            Event::List { reply } => {
+                let _ = reply.send(FleetView {
+                    head: self.head,
+                    nodes: self.fleet.view(),
+                });
+            }
         }
-        let tokens = batch.iter().map(|&(_, _, token)| token).collect();
-        match self.store.mark_insync(tokens).await {
+    }
+
+    /// The tokens that may be INSYNC now, in revision order.
+    fn eligible(&self) -> Vec<TokenId> {
+        match self.fleet.watermark() {
+            Watermark::Blocked => Vec::new(),
+            Watermark::UpTo(revision) => self
+                .pending
+                .range(..=revision)
+                .take(MAX_BATCH)
+                .map(|(_, (t, _))| *t)
+                .collect(),
+            // Tokens become PENDING in revision order, so the due ones are a
+            // prefix of the map.
+            Watermark::Standalone => {
+                let now = now_micros();
+                self.pending
+                    .values()
+                    .take_while(|(_, at)| self.due(*at) <= now)
+                    .take(MAX_BATCH)
+                    .map(|(t, _)| *t)
+                    .collect()
+            }
+        }
+    }
+
+    /// When a token that became PENDING at `pending_at` is due alone.
+    fn due(&self, pending_at: Micros) -> Micros {
+        pending_at.saturating_add(self.settings.delay.as_micros() as u64)
+    }
+
+    /// Drops expired members, then moves every eligible token to INSYNC and
+    /// persists membership changes, in one store operation.
+    async fn advance(&mut self) {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let mut updates = std::mem::take(&mut self.unsaved);
+        for node in self.fleet.expire(Instant::now().into_std()) {
+            tracing::warn!(node, timeout = ?self.settings.member_timeout,
+                "member disconnected for longer than the member timeout; dropped from the fleet");
+            updates.push(MemberUpdate::Remove { node });
+        }
+        let tokens = self.eligible();
+        let flush_due = self.fleet.has_dirty() && self.last_flush.elapsed() >= FLUSH_EVERY;
+        let retrying = self.retry_at.is_some();
+        if tokens.is_empty() && updates.is_empty() && !flush_due && !retrying {
+            return;
+        }
+        if !tokens.is_empty() || flush_due {
+            updates.extend(self.fleet.take_dirty());
+            self.last_flush = Instant::now();
+        }
+        match self.store.advance(tokens.clone(), updates.clone()).await {
             Ok(moved) => {
+                self.retry_at = None;
+                let done: std::collections::HashSet<_> = tokens.into_iter().collect();
+                self.pending.retain(|_, (token, _)| !done.contains(token));
                 for record in &moved {
                     tracing::debug!(token = %record.token, revision = record.revision, "insync");
                     self.hub.publish(record);
                 }
             }
             Err(err) => {
-                tracing::warn!(cause = %err, count = batch.len(), "cannot mark tokens insync; retrying");
-                let retry_at = Instant::now() + RETRY_AFTER;
-                for (_, revision, token) in batch {
-                    self.due.push(Reverse((retry_at, revision, token)));
-                }
+                tracing::warn!(cause = %err, "cannot record fleet progress; retrying");
+                self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                self.unsaved = updates;
             }
         }
+    }
+
+    /// When something may next become due without an event.
+    fn next_wake(&self) -> Option<Instant> {
+        let mut wake = self.retry_at;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+            }
+        };
+        consider(self.fleet.next_expiry().map(Instant::from_std));
+        if self.fleet.has_dirty() {
+            consider(Some(self.last_flush + FLUSH_EVERY));
+        }
+        if self.fleet.watermark() == Watermark::Standalone
+            && let Some((_, at)) = self.pending.values().next()
+        {
+            let wait = Duration::from_micros(self.due(*at).saturating_sub(now_micros()));
+            consider(Some(Instant::now() + wait));
+        }
+        wake
     }
 }
 

@@ -16,11 +16,15 @@ use tonic_health::ServingStatus;
 
 use crate::{
     hub::Hub,
-    propagation::Propagation,
-    proto::{self, change_token_service_server::ChangeTokenServiceServer},
+    propagation::{Propagation, Settings},
+    proto::{
+        self, change_token_service_server::ChangeTokenServiceServer,
+        propagation_service_server::PropagationServiceServer,
+    },
     retention,
     service::{ChangeTokens, MAX_DESCRIPTION},
     store::{OpenError, Store},
+    sync::FleetService,
 };
 
 /// The default address of `serve`.
@@ -39,8 +43,13 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Config {
     /// Directory holding the database.
     pub data_dir: PathBuf,
-    /// How long a change stays PENDING before it is INSYNC (no fleet).
+    /// How long a change stays PENDING before it is INSYNC while the fleet
+    /// has no members and `min_fleet_size` is 0.
     pub propagation_delay: Duration,
+    /// How long a disconnected member keeps blocking INSYNC before it is dropped.
+    pub member_timeout: Duration,
+    /// No change is INSYNC while fewer members than this acknowledged it.
+    pub min_fleet_size: usize,
     /// How long an INSYNC token is kept before it is deleted.
     pub retention: Duration,
     /// The largest payload accepted, in bytes.
@@ -54,6 +63,8 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             propagation_delay: Duration::ZERO,
+            member_timeout: Duration::from_secs(30),
+            min_fleet_size: 0,
             retention: Duration::from_secs(7 * 24 * 3600),
             max_payload: DEFAULT_MAX_PAYLOAD,
             shutdown_grace: Duration::from_secs(10),
@@ -97,19 +108,24 @@ impl Server {
         let Server { config, store } = self;
         let cancel = CancellationToken::new();
         let hub = Hub::default();
-        let (propagation, worker) = Propagation::spawn(
-            store.clone(),
-            hub.clone(),
-            config.propagation_delay,
-            cancel.clone(),
-        );
+        let settings = Settings {
+            delay: config.propagation_delay,
+            member_timeout: config.member_timeout,
+            min_fleet_size: config.min_fleet_size,
+        };
+        let (propagation, worker) =
+            Propagation::spawn(store.clone(), hub.clone(), settings, cancel.clone());
         let sweeper = retention::spawn(store.clone(), config.retention, cancel.clone());
+        let fleet = FleetService::new(store.clone(), propagation.clone(), cancel.clone());
         let service =
             ChangeTokens::new(store, hub, propagation, config.max_payload, cancel.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<ChangeTokenServiceServer<ChangeTokens>>()
+            .await;
+        health
+            .set_serving::<PropagationServiceServer<FleetService>>()
             .await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -140,6 +156,7 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(change_tokens)
+            .add_service(PropagationServiceServer::new(fleet))
             .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
         let mut transport = tokio::spawn(transport);
         if let Some(addr) = addr {
@@ -156,6 +173,9 @@ impl Server {
             .await;
         health
             .set_not_serving::<ChangeTokenServiceServer<ChangeTokens>>()
+            .await;
+        health
+            .set_not_serving::<PropagationServiceServer<FleetService>>()
             .await;
         cancel.cancel();
 

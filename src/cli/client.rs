@@ -60,10 +60,12 @@ impl From<Status> for CliError {
     }
 }
 
-type Result<T = ()> = std::result::Result<T, CliError>;
+/// The result of a client command.
+pub type Result<T = ()> = std::result::Result<T, CliError>;
 
-async fn connect(endpoint: &str) -> Result<ChangeTokenServiceClient<Channel>> {
-    let channel = Channel::from_shared(endpoint.to_owned())
+/// Connects to `endpoint`, mapping failures to the documented exit codes.
+pub async fn channel(endpoint: &str) -> Result<Channel> {
+    Channel::from_shared(endpoint.to_owned())
         .map_err(|err| CliError {
             exit: Exit::Usage,
             message: format!("invalid endpoint {endpoint:?}: {err}"),
@@ -74,8 +76,11 @@ async fn connect(endpoint: &str) -> Result<ChangeTokenServiceClient<Channel>> {
         .map_err(|err| CliError {
             exit: Exit::Unavailable,
             message: format!("cannot connect to {endpoint}: {err}"),
-        })?;
-    Ok(ChangeTokenServiceClient::new(channel))
+        })
+}
+
+async fn connect(endpoint: &str) -> Result<ChangeTokenServiceClient<Channel>> {
+    Ok(ChangeTokenServiceClient::new(channel(endpoint).await?))
 }
 
 /// `token`: prints the scope's outstanding token.

@@ -2,6 +2,8 @@
 //! client commands for scripts and people.
 
 mod client;
+mod node;
+mod nodes;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -90,6 +92,29 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// List the members of the fleet: NODE ACKED LAG STATE, one per line.
+    Nodes {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a fleet node: follow the change log, run CMD once per change with
+    /// the payload on stdin, and acknowledge the change when CMD exits 0.
+    Node {
+        /// The node's stable identity: 1 to 128 characters of [A-Za-z0-9._-].
+        #[arg(long)]
+        id: String,
+        /// The command applying one change, run with `sh -c`. It gets the
+        /// payload on stdin and CHANGETOKEN_TOKEN, CHANGETOKEN_REVISION,
+        /// CHANGETOKEN_DESCRIPTION and CHANGETOKEN_NODE_ID in its environment.
+        #[arg(long, value_name = "CMD")]
+        exec: String,
+        /// Where the node keeps its last applied revision
+        /// [default: changetoken-node-ID.state in the working directory].
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Flags of `serve`.
@@ -105,6 +130,14 @@ pub struct ServeArgs {
     #[arg(long, env = "CHANGETOKEN_PROPAGATION_DELAY", default_value = "0s",
         value_parser = parse_duration)]
     propagation_delay: Duration,
+    /// How long a disconnected fleet member keeps blocking INSYNC before it
+    /// is dropped from the fleet.
+    #[arg(long, env = "CHANGETOKEN_MEMBER_TIMEOUT", default_value = "30s",
+        value_parser = parse_duration)]
+    member_timeout: Duration,
+    /// No change is INSYNC while fewer than this many members acknowledged it.
+    #[arg(long, env = "CHANGETOKEN_MIN_FLEET_SIZE", default_value_t = 0)]
+    min_fleet_size: usize,
     /// How long INSYNC tokens and their changes are kept before deletion.
     #[arg(long, env = "CHANGETOKEN_RETENTION", default_value = "7d", value_parser = parse_duration)]
     retention: Duration,
@@ -186,6 +219,13 @@ impl Cli {
                 Some(timeout),
                 false,
             )),
+            Command::Nodes { client } => runtime.block_on(nodes::list(&client.endpoint)),
+            Command::Node {
+                id,
+                exec,
+                state_file,
+                client,
+            } => runtime.block_on(node::run(&client.endpoint, id, exec, state_file)),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -204,6 +244,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     let config = Config {
         data_dir: args.data_dir,
         propagation_delay: args.propagation_delay,
+        member_timeout: args.member_timeout,
+        min_fleet_size: args.min_fleet_size,
         retention: args.retention,
         max_payload: args.max_payload,
         shutdown_grace: args.shutdown_grace,

@@ -20,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 pub use codec::Change;
+pub use writer::MemberUpdate;
 use writer::{Job, Op, Reply};
 
 use crate::token::{Micros, Scope, Status, TokenId, TokenRecord};
@@ -34,6 +35,8 @@ const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const PENDING: TableDefinition<u64, u128> = TableDefinition::new("pending");
 /// INSYNC tokens by (time they became INSYNC, revision), for retention.
 const EXPIRY: TableDefinition<(u64, u64), u128> = TableDefinition::new("expiry");
+/// Fleet members by node id: the highest revision each acknowledged.
+const MEMBERS: TableDefinition<&str, u64> = TableDefinition::new("members");
 /// Counters and the schema version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -296,12 +299,17 @@ impl Store {
         }
     }
 
-    /// Moves each of `tokens` that is PENDING to INSYNC and returns the records
-    /// that moved; tokens in any other state are left alone.
-    pub async fn mark_insync(&self, tokens: Vec<TokenId>) -> Result<Vec<TokenRecord>, StoreError> {
-        match self.write(Op::MarkInSync { tokens }).await? {
+    /// In one transaction, moves each of `tokens` that is PENDING to INSYNC
+    /// and applies the membership updates. Returns the records that moved;
+    /// tokens in any other state are left alone.
+    pub async fn advance(
+        &self,
+        tokens: Vec<TokenId>,
+        members: Vec<MemberUpdate>,
+    ) -> Result<Vec<TokenRecord>, StoreError> {
+        match self.write(Op::Advance { tokens, members }).await? {
             Reply::InSync(records) => Ok(records),
-            other => unreachable!("mark_insync answered with {other:?}"),
+            other => unreachable!("advance answered with {other:?}"),
         }
     }
 
@@ -338,6 +346,56 @@ impl Store {
         .await
     }
 
+    /// The latest revision of the change log (0 before the first change).
+    pub async fn head(&self) -> Result<u64, StoreError> {
+        self.read(|txn| {
+            let meta = txn.open_table(META)?;
+            Ok(meta.get(HEAD)?.map_or(0, |v| v.value()))
+        })
+        .await
+    }
+
+    /// The changes after revision `after`, in revision order: at most
+    /// `max_count`, and no more after their payloads reach `max_bytes`
+    /// (the first change is always included).
+    pub async fn changes_after(
+        &self,
+        after: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Change)>, StoreError> {
+        self.read(move |txn| {
+            let changes = txn.open_table(CHANGES)?;
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for entry in changes.range(after.saturating_add(1)..)? {
+                if out.len() == max_count || (!out.is_empty() && bytes >= max_bytes) {
+                    break;
+                }
+                let (revision, value) = entry?;
+                let change = codec::decode_change(value.value())?.to_owned();
+                bytes += change.payload.len();
+                out.push((revision.value(), change));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Every fleet member and the highest revision it acknowledged.
+    pub async fn members(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.read(|txn| {
+            let members = txn.open_table(MEMBERS)?;
+            let mut out = Vec::new();
+            for entry in members.iter()? {
+                let (id, acked) = entry?;
+                out.push((id.value().to_owned(), acked.value()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Every PENDING token, in revision order.
     pub async fn pending(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|txn| {
@@ -367,6 +425,7 @@ fn init_schema(db: &Database) -> Result<u64, redb::Error> {
         txn.open_table(CHANGES)?;
         txn.open_table(PENDING)?;
         txn.open_table(EXPIRY)?;
+        txn.open_table(MEMBERS)?;
         let mut meta = txn.open_table(META)?;
         let found = meta.get(SCHEMA)?.map(|v| v.value());
         match found {

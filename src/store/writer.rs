@@ -12,7 +12,8 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANGES, EXPIRY, HEAD, META, PENDING, SCOPES, StoreError, SubmitError, Submitted, TOKENS, codec,
+    CHANGES, EXPIRY, HEAD, MEMBERS, META, PENDING, SCOPES, StoreError, SubmitError, Submitted,
+    TOKENS, codec,
 };
 use crate::token::{Micros, Scope, Status, TokenId, TokenRecord, now_micros};
 
@@ -30,13 +31,40 @@ pub(super) enum Op {
         payload: Vec<u8>,
         description: String,
     },
-    MarkInSync {
+    Advance {
         tokens: Vec<TokenId>,
+        members: Vec<MemberUpdate>,
     },
     Purge {
         cutoff: Micros,
         limit: usize,
     },
+}
+
+/// A change to the stored fleet membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberUpdate {
+    /// The node is a member that acknowledged everything up to `acked`.
+    Put {
+        /// The node's id.
+        node: String,
+        /// Its highest acknowledged revision.
+        acked: u64,
+    },
+    /// The node is no longer a member.
+    Remove {
+        /// The node's id.
+        node: String,
+    },
+}
+
+impl MemberUpdate {
+    /// Whether the update concerns `node`.
+    pub fn is_for(&self, node: &str) -> bool {
+        match self {
+            MemberUpdate::Put { node: n, .. } | MemberUpdate::Remove { node: n } => n == node,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -106,6 +134,7 @@ struct Tables<'txn> {
     pending: Table<'txn, u64, u128>,
     expiry: Table<'txn, (u64, u64), u128>,
     meta: Table<'txn, &'static str, u64>,
+    members: Table<'txn, &'static str, u64>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -117,6 +146,7 @@ impl<'txn> Tables<'txn> {
             pending: txn.open_table(PENDING)?,
             expiry: txn.open_table(EXPIRY)?,
             meta: txn.open_table(META)?,
+            members: txn.open_table(MEMBERS)?,
         })
     }
 
@@ -135,7 +165,10 @@ impl<'txn> Tables<'txn> {
                 Err(SubmitError::Store(err)) => return Err(err),
                 outcome => Reply::Submitted(outcome),
             },
-            Op::MarkInSync { tokens } => Reply::InSync(self.mark_insync(&tokens, now)?),
+            Op::Advance { tokens, members } => {
+                self.update_members(&members)?;
+                Reply::InSync(self.mark_insync(&tokens, now)?)
+            }
             Op::Purge { cutoff, limit } => Reply::Purged(self.purge(cutoff, limit)?),
         })
     }
@@ -267,6 +300,20 @@ impl<'txn> Tables<'txn> {
             moved.push(record);
         }
         Ok(moved)
+    }
+
+    fn update_members(&mut self, updates: &[MemberUpdate]) -> Result<(), StoreError> {
+        for update in updates {
+            match update {
+                MemberUpdate::Put { node, acked } => {
+                    self.members.insert(node.as_str(), *acked)?;
+                }
+                MemberUpdate::Remove { node } => {
+                    self.members.remove(node.as_str())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn purge(&mut self, cutoff: Micros, limit: usize) -> Result<usize, StoreError> {

@@ -158,9 +158,15 @@ impl Process {
     /// Starts `changetoken serve` on `data_dir` with a free loopback port and
     /// `extra` flags; returns once it is listening.
     pub async fn serve(data_dir: &Path, extra: &[&str]) -> Process {
+        Self::serve_on("127.0.0.1:0", data_dir, extra).await
+    }
+
+    /// Like [`Process::serve`], on the given address (for restarts on the
+    /// same port, which clients reconnect to).
+    pub async fn serve_on(listen: &str, data_dir: &Path, extra: &[&str]) -> Process {
         let mut child = Command::new(BIN)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", listen, "--log-format", "json"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)

@@ -4,6 +4,8 @@
 mod cli;
 mod common;
 mod durability;
+mod fleet;
 mod interop;
+mod nodes;
 mod rpc;
 mod watch;
