@@ -30,6 +30,7 @@ pub mod proto;
 pub mod retention;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod sync;
 pub mod token;

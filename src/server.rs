@@ -23,6 +23,7 @@ use crate::{
     },
     retention,
     service::{ChangeTokens, MAX_DESCRIPTION},
+    stats::Stats,
     store::{OpenError, Store},
     sync::FleetService,
 };
@@ -117,8 +118,15 @@ impl Server {
             Propagation::spawn(store.clone(), hub.clone(), settings, cancel.clone());
         let sweeper = retention::spawn(store.clone(), config.retention, cancel.clone());
         let fleet = FleetService::new(store.clone(), propagation.clone(), cancel.clone());
-        let service =
-            ChangeTokens::new(store, hub, propagation, config.max_payload, cancel.clone());
+        let stats = Stats::default();
+        let service = ChangeTokens::new(
+            store,
+            hub,
+            propagation,
+            config.max_payload,
+            cancel.clone(),
+            stats.clone(),
+        );
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -196,6 +204,7 @@ impl Server {
         };
         let _ = worker.await;
         let _ = sweeper.await;
+        stats.log();
         tracing::info!("stopped");
         match result {
             Ok(outcome) => outcome.map_err(ServeError::from),

@@ -13,6 +13,7 @@ use crate::{
         GetChangeTokenStatusResponse, SubmitChangeRequest, SubmitChangeResponse, WatchTokenRequest,
         change_token_service_server::ChangeTokenService,
     },
+    stats::{Method, Stats},
     store::Store,
     token::{Scope, TokenId},
     watch::{self, WatchStream, proto_status},
@@ -29,6 +30,7 @@ pub struct ChangeTokens {
     propagation: Propagation,
     max_payload: usize,
     shutdown: CancellationToken,
+    stats: Stats,
 }
 
 impl ChangeTokens {
@@ -40,6 +42,7 @@ impl ChangeTokens {
         propagation: Propagation,
         max_payload: usize,
         shutdown: CancellationToken,
+        stats: Stats,
     ) -> Self {
         ChangeTokens {
             store,
@@ -47,13 +50,13 @@ impl ChangeTokens {
             propagation,
             max_payload,
             shutdown,
+            stats,
         }
     }
 }
 
-#[tonic::async_trait]
-impl ChangeTokenService for ChangeTokens {
-    async fn get_change_token(
+impl ChangeTokens {
+    async fn get_change_token_inner(
         &self,
         request: Request<GetChangeTokenRequest>,
     ) -> Result<Response<GetChangeTokenResponse>, Status> {
@@ -65,7 +68,7 @@ impl ChangeTokenService for ChangeTokens {
         }))
     }
 
-    async fn get_change_token_status(
+    async fn get_change_token_status_inner(
         &self,
         request: Request<GetChangeTokenStatusRequest>,
     ) -> Result<Response<GetChangeTokenStatusResponse>, Status> {
@@ -81,7 +84,7 @@ impl ChangeTokenService for ChangeTokens {
         }))
     }
 
-    async fn submit_change(
+    async fn submit_change_inner(
         &self,
         request: Request<SubmitChangeRequest>,
     ) -> Result<Response<SubmitChangeResponse>, Status> {
@@ -130,12 +133,10 @@ impl ChangeTokenService for ChangeTokens {
         }))
     }
 
-    type WatchTokenStream = WatchStream;
-
-    async fn watch_token(
+    async fn watch_token_inner(
         &self,
         request: Request<WatchTokenRequest>,
-    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+    ) -> Result<Response<WatchStream>, Status> {
         let token: TokenId = request
             .get_ref()
             .change_token
@@ -144,5 +145,42 @@ impl ChangeTokenService for ChangeTokens {
         let stream = watch::open(&self.hub, &self.store, token, self.shutdown.clone()).await?;
         tracing::debug!(%token, "watch opened");
         Ok(Response::new(stream))
+    }
+}
+
+#[tonic::async_trait]
+impl ChangeTokenService for ChangeTokens {
+    async fn get_change_token(
+        &self,
+        request: Request<GetChangeTokenRequest>,
+    ) -> Result<Response<GetChangeTokenResponse>, Status> {
+        let result = self.get_change_token_inner(request).await;
+        self.stats.count(Method::GetChangeToken, result)
+    }
+
+    async fn get_change_token_status(
+        &self,
+        request: Request<GetChangeTokenStatusRequest>,
+    ) -> Result<Response<GetChangeTokenStatusResponse>, Status> {
+        let result = self.get_change_token_status_inner(request).await;
+        self.stats.count(Method::GetChangeTokenStatus, result)
+    }
+
+    async fn submit_change(
+        &self,
+        request: Request<SubmitChangeRequest>,
+    ) -> Result<Response<SubmitChangeResponse>, Status> {
+        let result = self.submit_change_inner(request).await;
+        self.stats.count(Method::SubmitChange, result)
+    }
+
+    type WatchTokenStream = WatchStream;
+
+    async fn watch_token(
+        &self,
+        request: Request<WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let result = self.watch_token_inner(request).await;
+        self.stats.count(Method::WatchToken, result)
     }
 }

@@ -1,0 +1,37 @@
+//! The benchmark driver: runs every workload with its anchor in the same run,
+//! alternating, and prints a table of medians and ratios.
+//!
+//! `bench [WORKLOAD...]` where WORKLOAD is reads, writes, watch, propagation,
+//! growth (default: all). scripts/bench installs the tools and builds first.
+
+mod growth;
+mod propagation;
+mod reads;
+mod util;
+mod watch;
+mod writes;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let all = args.is_empty();
+    let want = |name: &str| all || args.iter().any(|a| a == name);
+    let mut rows = Vec::new();
+    if want("reads") {
+        rows.extend(reads::run().await);
+    }
+    if want("writes") {
+        rows.extend(writes::run().await);
+    }
+    if want("watch") {
+        rows.extend(watch::run().await);
+    }
+    if want("propagation") {
+        rows.extend(propagation::run().await);
+    }
+    if want("growth") {
+        rows.extend(growth::run().await);
+    }
+    println!();
+    util::print_table(&rows);
+}

@@ -1,0 +1,7 @@
+//! Workload: propagation.
+
+use crate::util::Row;
+
+pub async fn run() -> Vec<Row> {
+    Vec::new()
+}

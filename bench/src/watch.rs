@@ -1,0 +1,7 @@
+//! Workload: watch.
+
+use crate::util::Row;
+
+pub async fn run() -> Vec<Row> {
+    Vec::new()
+}

@@ -1,0 +1,7 @@
+//! Workload: writes.
+
+use crate::util::Row;
+
+pub async fn run() -> Vec<Row> {
+    Vec::new()
+}
