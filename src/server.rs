@@ -11,8 +11,9 @@ use std::{future::Future, path::PathBuf, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     hub::Hub,
@@ -129,12 +130,7 @@ impl Server {
         );
 
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<ChangeTokenServiceServer<ChangeTokens>>()
-            .await;
-        health
-            .set_serving::<PropagationServiceServer<FleetService>>()
-            .await;
+        set_health(&health, ServingStatus::Serving).await;
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -176,15 +172,7 @@ impl Server {
             result = &mut transport => Some(result),
         };
         tracing::info!("shutting down");
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_not_serving::<ChangeTokenServiceServer<ChangeTokens>>()
-            .await;
-        health
-            .set_not_serving::<PropagationServiceServer<FleetService>>()
-            .await;
+        set_health(&health, ServingStatus::NotServing).await;
         cancel.cancel();
 
         let result = match early {
@@ -211,5 +199,16 @@ impl Server {
             Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// Sets the overall status and that of every served service.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in [
+        "",
+        <ChangeTokenServiceServer<ChangeTokens> as NamedService>::NAME,
+        <PropagationServiceServer<FleetService> as NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
     }
 }

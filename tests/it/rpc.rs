@@ -392,7 +392,8 @@ async fn health_is_serving_while_up_and_not_serving_once_shutdown_begins() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let server = TestServer::start(|_| {}).await;
+    // A health Watch stream stays open through shutdown; the grace period ends it.
+    let server = TestServer::start(|c| c.shutdown_grace = Duration::from_secs(1)).await;
     let channel = tonic::transport::Channel::from_shared(server.endpoint())
         .unwrap()
         .connect()
