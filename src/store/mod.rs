@@ -5,18 +5,23 @@
 //! the moment it starts a transaction into that transaction, so concurrent
 //! writers share one fsync (group commit). A write's reply is sent only after
 //! its transaction committed with immediate durability. Reads run in their own
-//! read transactions on the blocking pool and never wait for a commit.
+//! read transactions and never wait for a commit: point reads on the calling
+//! thread, scans on the blocking pool.
 
 mod codec;
 mod writer;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, mpsc},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
 };
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 pub use codec::Change;
@@ -169,6 +174,20 @@ struct Inner {
     db: Arc<Database>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    /// How many batches the writer committed.
+    commits: Arc<AtomicU64>,
+    /// The tables of the latest committed state, shared by point reads.
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
+}
+
+/// Open read-only tables of one committed state. Shared by point reads until
+/// a later commit makes it stale; it pins that state's pages while in use.
+struct Snapshot {
+    /// The writer's commit count when the state was read.
+    commits: u64,
+    tokens: ReadOnlyTable<u128, &'static [u8]>,
+    scopes: ReadOnlyTable<&'static str, u128>,
+    meta: ReadOnlyTable<&'static str, u64>,
 }
 
 impl Drop for Inner {
@@ -217,15 +236,19 @@ impl Store {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = commits.clone();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(&writer_db, rx))
+            .spawn(move || writer::run(&writer_db, rx, &writer_commits))
             .expect("spawning the store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                commits,
+                snapshot: Mutex::new(None),
             }),
         })
     }
@@ -241,6 +264,29 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The latest committed state for a point read, on the calling thread.
+    /// Point reads touch a handful of cached pages and take microseconds,
+    /// less than a hand-off to the blocking pool would cost; they never wait
+    /// for a writer. A state read after a commit's counter moved includes
+    /// that commit, so a reply's effects are visible to every later read.
+    fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
+        let commits = self.inner.commits.load(Ordering::Acquire);
+        let mut cached = self.inner.snapshot.lock().map_err(|_| StoreError::Closed)?;
+        if let Some(snapshot) = cached.as_ref().filter(|s| s.commits == commits) {
+            return Ok(snapshot.clone());
+        }
+        let txn = self.inner.db.begin_read()?;
+        let snapshot = Arc::new(Snapshot {
+            commits,
+            tokens: txn.open_table(TOKENS)?,
+            scopes: txn.open_table(SCOPES)?,
+            meta: txn.open_table(META)?,
+        });
+        *cached = Some(snapshot.clone());
+        Ok(snapshot)
+    }
+
+    /// Runs a read that may scan or copy much data on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -255,17 +301,9 @@ impl Store {
     /// Returns the scope's outstanding PROVISIONED token, minting and storing a
     /// new one if the scope has none.
     pub async fn provision(&self, scope: &Scope) -> Result<TokenId, StoreError> {
-        let key = scope.as_str().to_owned();
-        let outstanding = self
-            .read(move |txn| {
-                let scopes = txn.open_table(SCOPES)?;
-                Ok(scopes
-                    .get(key.as_str())?
-                    .map(|t| TokenId::from_u128(t.value())))
-            })
-            .await?;
-        if let Some(token) = outstanding {
-            return Ok(token);
+        let snapshot = self.snapshot()?;
+        if let Some(token) = snapshot.scopes.get(scope.as_str())? {
+            return Ok(TokenId::from_u128(token.value()));
         }
         match self
             .write(Op::Provision {
@@ -324,14 +362,11 @@ impl Store {
 
     /// The token's record, if it exists.
     pub async fn get(&self, token: TokenId) -> Result<Option<TokenRecord>, StoreError> {
-        self.read(move |txn| {
-            let tokens = txn.open_table(TOKENS)?;
-            let value = tokens.get(token.as_u128())?;
-            Ok(value
-                .map(|v| codec::decode_token(token, v.value()))
-                .transpose()?)
-        })
-        .await
+        let snapshot = self.snapshot()?;
+        let value = snapshot.tokens.get(token.as_u128())?;
+        Ok(value
+            .map(|v| codec::decode_token(token, v.value()))
+            .transpose()?)
     }
 
     /// The change at `revision`, if the log still holds it.
@@ -348,11 +383,7 @@ impl Store {
 
     /// The latest revision of the change log (0 before the first change).
     pub async fn head(&self) -> Result<u64, StoreError> {
-        self.read(|txn| {
-            let meta = txn.open_table(META)?;
-            Ok(meta.get(HEAD)?.map_or(0, |v| v.value()))
-        })
-        .await
+        Ok(self.snapshot()?.meta.get(HEAD)?.map_or(0, |v| v.value()))
     }
 
     /// The changes after revision `after`, in revision order: at most

@@ -6,7 +6,10 @@
 //! level the whole transaction is abandoned and every operation in it gets the
 //! error, so no reply ever speaks of state that is not on disk.
 
-use std::sync::mpsc;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    mpsc,
+};
 
 use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
@@ -80,8 +83,9 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
-/// Runs until every sender is gone.
-pub(super) fn run(db: &Database, jobs: mpsc::Receiver<Job>) {
+/// Runs until every sender is gone. `commits` counts committed batches; it
+/// moves after a commit and before that commit's replies are sent.
+pub(super) fn run(db: &Database, jobs: mpsc::Receiver<Job>, commits: &AtomicU64) {
     let _span = tracing::debug_span!("store_writer").entered();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -91,14 +95,15 @@ pub(super) fn run(db: &Database, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(db, batch);
+        commit_batch(db, batch, commits);
     }
 }
 
-fn commit_batch(db: &Database, batch: Vec<Job>) {
+fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
     let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
     match apply_all(db, ops) {
         Ok(results) => {
+            commits.fetch_add(1, Ordering::Release);
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok(result));
             }
