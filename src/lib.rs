@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod codec;
 pub mod error;
 pub mod fleet;
 pub mod hub;
