@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
@@ -37,7 +37,14 @@ impl Server {
     pub async fn changetoken(data_dir: &Path, extra: &[&str]) -> Server {
         let mut command = Command::new(changetoken_bin());
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env("CHANGETOKEN_LOG", "info");
@@ -96,13 +103,25 @@ impl Server {
         rss_of(self.pid())
     }
 
-    /// SIGTERM, then the lines it logged until it exited.
+    /// SIGTERMs the server and returns every line it logged up to its exit,
+    /// waiting until its stderr closed so that the last lines (the request
+    /// counts) are not lost.
     pub async fn stop(mut self) -> Vec<String> {
         let pid = self.pid().to_string();
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("server {pid} did not exit within 30 s of SIGTERM; killing it");
+            let _ = self.child.kill().await;
+        }
         let mut lines = Vec::new();
-        while let Ok(line) = self.log.try_recv() {
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(5), self.log.recv()).await
+        {
             lines.push(line);
         }
         lines
@@ -146,7 +165,14 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(workload: &str, metric: &str, ours: String, anchor: String, ratio: String, goal: &str) -> Row {
+    pub fn new(
+        workload: &str,
+        metric: &str,
+        ours: String,
+        anchor: String,
+        ratio: String,
+        goal: &str,
+    ) -> Row {
         Row {
             workload: workload.into(),
             metric: metric.into(),
@@ -167,5 +193,48 @@ pub fn print_table(rows: &[Row]) {
             "| {} | {} | {} | {} | {} | {} |",
             r.workload, r.metric, r.changetoken, r.anchor, r.ratio, r.goal
         );
+    }
+}
+
+/// The number `field` in the server's `"requests served"` log line.
+pub fn served(lines: &[String], field: &str) -> Option<u64> {
+    let line = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"requests served\""))?;
+    let key = format!("\"{field}\":");
+    let start = line.find(&key)? + key.len();
+    let digits: String = line[start..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "changetoken-bench-{label}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).expect("create a temporary directory");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
