@@ -16,7 +16,7 @@
 //! with the number of tokens written.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -33,12 +33,9 @@ use changetoken::{
     token::{Scope, TokenId},
 };
 use tokio::task::JoinSet;
-use tonic::{
-    Code,
-    transport::{Channel, Endpoint},
-};
+use tonic::Code;
 
-use crate::util::{Row, Server, percentile};
+use crate::util::{Row, Server, connect, percentile, scratch_dir};
 
 /// Token counts measured, in increasing order.
 const STEPS: [usize; 3] = [10_000, 100_000, 1_000_000];
@@ -61,21 +58,6 @@ const RETENTION_WRITERS: usize = 32;
 const RETENTION_RUN: Duration = Duration::from_secs(21);
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 const RETENTION: &str = "2s";
-
-fn scratch_dir(label: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("changetoken-bench-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-async fn connect(endpoint: &str) -> Channel {
-    Endpoint::from_shared(endpoint.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 fn file_size(dir: &Path) -> u64 {
     std::fs::metadata(dir.join(DB_FILE)).map_or(0, |m| m.len())

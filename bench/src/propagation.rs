@@ -18,9 +18,9 @@ use changetoken::proto::{
 };
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::util::{Row, Server, percentile};
+use crate::util::{Row, Server, connect, percentile, scratch_dir};
 
 /// Fleet size.
 const NODES: usize = 100;
@@ -32,21 +32,6 @@ const ROUNDS: usize = 3;
 const CHANGE_DEADLINE: Duration = Duration::from_secs(10);
 /// The longest the fleet may take to join.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
-
-fn scratch_dir(label: &str) -> std::path::PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("changetoken-bench-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-async fn connect(endpoint: &str) -> Channel {
-    Endpoint::from_shared(endpoint.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
-}
 
 /// A fleet node: says hello as a new node, reports when welcomed, then
 /// acknowledges each change on receipt until the stream ends.

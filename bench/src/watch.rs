@@ -37,9 +37,8 @@ use tokio::{
     sync::{Semaphore, mpsc},
     task::JoinSet,
 };
-use tonic::transport::{Channel, Endpoint};
 
-use crate::util::{Row, Server, median, percentile, rss_of};
+use crate::util::{Row, Server, connect, median, percentile, rss_of, scratch_dir};
 
 /// Watcher counts, each with how many alternating rounds (changetoken, etcd
 /// with one watcher per stream, and if the flag is set etcd with
@@ -195,21 +194,6 @@ fn ms_since(t: &prost_types::Timestamp) -> f64 {
         .unwrap_or_default();
     let then = t.seconds as f64 + t.nanos as f64 / 1e9;
     (now.as_secs_f64() - then) * 1e3
-}
-
-fn scratch_dir(label: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("changetoken-bench-{}-{label}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-async fn connect(endpoint: &str) -> Channel {
-    Endpoint::from_shared(endpoint.to_owned())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 /// One changetoken round with `n` watchers.

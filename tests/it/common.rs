@@ -9,7 +9,10 @@ use std::{
 };
 
 use changetoken::{
-    proto::change_token_service_client::ChangeTokenServiceClient,
+    proto::{
+        ChangeTokenStatus, GetChangeTokenStatusRequest,
+        change_token_service_client::ChangeTokenServiceClient,
+    },
     server::{Config, Server},
 };
 use tokio::{
@@ -218,4 +221,27 @@ pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("data");
     (dir, path)
+}
+
+/// The token's status; panics on any error.
+pub async fn status_of(client: &mut Client, token: &str) -> ChangeTokenStatus {
+    let request = GetChangeTokenStatusRequest {
+        change_token: token.to_owned(),
+    };
+    let response = client
+        .get_change_token_status(request)
+        .await
+        .expect("GetChangeTokenStatus");
+    response.into_inner().change_token_status()
+}
+
+/// Waits until the token is INSYNC, failing after 30 s.
+pub async fn wait_insync(client: &Client, token: &str) {
+    eventually(Duration::from_secs(30), "INSYNC", || {
+        let mut client = client.clone();
+        async move {
+            (status_of(&mut client, token).await == ChangeTokenStatus::Insync).then_some(())
+        }
+    })
+    .await;
 }

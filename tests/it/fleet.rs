@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming, transport::Channel};
 
-use crate::common::{Client, TestServer, config, data_dir, eventually, reason};
+use crate::common::{
+    Client, TestServer, config, data_dir, eventually, reason, status_of, wait_insync,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -126,26 +128,6 @@ async fn submit(client: &mut Client, scope: &str, payload: &[u8]) -> (String, u6
     (token, revision)
 }
 
-async fn status(client: &mut Client, token: &str) -> ChangeTokenStatus {
-    let request = GetChangeTokenStatusRequest {
-        change_token: token.to_owned(),
-    };
-    client
-        .get_change_token_status(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .change_token_status()
-}
-
-async fn wait_insync(client: &Client, token: &str) {
-    eventually(WAIT, "INSYNC", || {
-        let mut client = client.clone();
-        async move { (status(&mut client, token).await == ChangeTokenStatus::Insync).then_some(()) }
-    })
-    .await;
-}
-
 async fn nodes(endpoint: &str) -> ListNodesResponse {
     propagation(endpoint)
         .await
@@ -190,7 +172,7 @@ async fn a_change_stays_pending_until_the_last_member_acknowledged_it() {
     .await;
     assert_eq!(listed.head_revision, revision);
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
     let lagging = listed.nodes.iter().find(|n| n.node_id == "c").unwrap();
@@ -351,7 +333,7 @@ async fn a_disconnected_member_blocks_until_the_member_timeout_then_is_dropped()
     .await;
     assert!(view.nodes[0].disconnected_since.is_some());
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
     wait_insync(&client, &token).await;
@@ -375,14 +357,14 @@ async fn no_change_is_insync_while_fewer_than_the_minimum_acknowledged_it() {
     })
     .await;
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
 
     let mut two = TestNode::join(&endpoint, "two", Some(0)).await.unwrap();
     assert_eq!(two.change().await.revision, revision);
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
     two.ack(revision).await;
@@ -420,7 +402,7 @@ async fn members_and_their_progress_survive_a_restart_of_the_service() {
     );
     let (second, next) = submit(&mut client, "x", b"2").await;
     assert_eq!(
-        status(&mut client, &second).await,
+        status_of(&mut client, &second).await,
         ChangeTokenStatus::Pending
     );
     let mut node = TestNode::join(&endpoint, "keeper", Some(revision))

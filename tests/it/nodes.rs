@@ -8,12 +8,12 @@ use std::{
 };
 
 use changetoken::proto::{
-    ChangeTokenStatus, GetChangeTokenRequest, GetChangeTokenStatusRequest, ListNodesRequest,
-    SubmitChangeRequest, propagation_service_client::PropagationServiceClient,
+    ChangeTokenStatus, GetChangeTokenRequest, ListNodesRequest, SubmitChangeRequest,
+    propagation_service_client::PropagationServiceClient,
 };
 use tokio::process::{Child, Command};
 
-use crate::common::{BIN, Client, Process, connect, eventually};
+use crate::common::{BIN, Client, Process, connect, eventually, status_of, wait_insync};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -80,26 +80,6 @@ async fn submit(client: &mut Client, payload: &str) -> Result<(String, u64), ton
     Ok((token, revision))
 }
 
-async fn status(client: &mut Client, token: &str) -> ChangeTokenStatus {
-    let request = GetChangeTokenStatusRequest {
-        change_token: token.to_owned(),
-    };
-    client
-        .get_change_token_status(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .change_token_status()
-}
-
-async fn wait_insync(client: &Client, token: &str) {
-    eventually(WAIT, "INSYNC", || {
-        let mut client = client.clone();
-        async move { (status(&mut client, token).await == ChangeTokenStatus::Insync).then_some(()) }
-    })
-    .await;
-}
-
 async fn members(endpoint: &str) -> Vec<(String, bool)> {
     let channel = tonic::transport::Channel::from_shared(endpoint.to_owned()).unwrap();
     let mut client = PropagationServiceClient::new(channel.connect().await.unwrap());
@@ -164,7 +144,7 @@ async fn a_change_is_pending_until_the_last_node_applied_it_and_a_failing_node_r
     })
     .await;
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
     assert!(applied(&dir, "c").is_empty());
@@ -195,7 +175,7 @@ async fn a_killed_node_is_dropped_after_the_member_timeout_and_resumes_without_g
     let (token, revision) = submit(&mut client, "while-dead").await.unwrap();
     expected.push((revision, "while-dead".to_owned()));
     assert_eq!(
-        status(&mut client, &token).await,
+        status_of(&mut client, &token).await,
         ChangeTokenStatus::Pending
     );
     wait_insync(&client, &token).await;
