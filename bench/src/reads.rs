@@ -17,7 +17,7 @@ use changetoken::proto::{
 };
 use prost::Message;
 
-use crate::util::{Row, Server, TempDir, median, percentile, served};
+use crate::util::{Row, Server, TempDir, failed_row, median, percentile, served};
 
 const WORKLOAD: &str = "reads";
 /// h2load connections, and streams in flight per connection.
@@ -51,7 +51,10 @@ pub async fn run() -> Vec<Row> {
         Err(err) => {
             let _ = changetoken.stop().await;
             let _ = echo.stop().await;
-            return vec![failed_row(&format!("cannot create a token: {err}"))];
+            return vec![failed_row(
+                WORKLOAD,
+                &format!("cannot create a token: {err}"),
+            )];
         }
     };
     std::fs::write(
@@ -203,21 +206,9 @@ pub async fn run() -> Vec<Row> {
         },
     ));
     if !problems.is_empty() {
-        rows.push(failed_row(&problems.join("; ")));
+        rows.push(failed_row(WORKLOAD, &problems.join("; ")));
     }
     rows
-}
-
-/// A row that reports a failed check loudly.
-fn failed_row(problem: &str) -> Row {
-    Row::new(
-        WORKLOAD,
-        "**CHECK FAILED**",
-        problem.replace('|', "/"),
-        String::new(),
-        String::new(),
-        "",
-    )
 }
 
 /// Gets a token and submits a change with it, so that it is PENDING or INSYNC.

@@ -256,3 +256,15 @@ pub async fn connect(endpoint: &str) -> tonic::transport::Channel {
         .await
         .expect("connect")
 }
+
+/// A row that reports a failed check of `workload` loudly.
+pub fn failed_row(workload: &str, problem: &str) -> Row {
+    Row::new(
+        workload,
+        "**CHECK FAILED**",
+        problem.replace('|', "/"),
+        String::new(),
+        String::new(),
+        "",
+    )
+}

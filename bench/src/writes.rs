@@ -27,7 +27,7 @@ use etcd_client::{Client as EtcdClient, KvClient};
 use tokio::{process::Child, time::Instant};
 use tonic::transport::Channel;
 
-use crate::util::{Row, Server, TempDir, median, served};
+use crate::util::{Row, Server, TempDir, failed_row, median, served};
 
 const WORKLOAD: &str = "writes";
 const CONCURRENCY: [usize; 3] = [1, 16, 256];
@@ -49,7 +49,7 @@ pub async fn run() -> Vec<Row> {
         Ok(etcd) => etcd,
         Err(err) => {
             let _ = changetoken.stop().await;
-            return vec![failed_row(&format!("cannot start etcd: {err}"))];
+            return vec![failed_row(WORKLOAD, &format!("cannot start etcd: {err}"))];
         }
     };
     eprintln!(
@@ -183,21 +183,9 @@ pub async fn run() -> Vec<Row> {
         },
     ));
     if !problems.is_empty() {
-        rows.push(failed_row(&problems.join("; ")));
+        rows.push(failed_row(WORKLOAD, &problems.join("; ")));
     }
     rows
-}
-
-/// A row that reports a failed check loudly.
-fn failed_row(problem: &str) -> Row {
-    Row::new(
-        WORKLOAD,
-        "**CHECK FAILED**",
-        problem.replace('|', "/"),
-        String::new(),
-        String::new(),
-        "",
-    )
 }
 
 /// `connections` tonic channels to changetoken and as many etcd clients,

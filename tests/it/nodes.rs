@@ -80,31 +80,25 @@ async fn submit(client: &mut Client, payload: &str) -> Result<(String, u64), ton
     Ok((token, revision))
 }
 
-async fn members(endpoint: &str) -> Vec<(String, bool)> {
+/// The members of the fleet, as ListNodes reports them.
+async fn list_nodes(endpoint: &str) -> Vec<changetoken::proto::Node> {
     let channel = tonic::transport::Channel::from_shared(endpoint.to_owned()).unwrap();
     let mut client = PropagationServiceClient::new(channel.connect().await.unwrap());
-    let response = client
-        .list_nodes(ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    response
-        .nodes
+    let response = client.list_nodes(ListNodesRequest {}).await.unwrap();
+    response.into_inner().nodes
+}
+
+async fn members(endpoint: &str) -> Vec<(String, bool)> {
+    let nodes = list_nodes(endpoint).await;
+    nodes
         .into_iter()
         .map(|n| (n.node_id, n.connected))
         .collect()
 }
 
 async fn acked(endpoint: &str, id: &str) -> u64 {
-    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned()).unwrap();
-    let mut client = PropagationServiceClient::new(channel.connect().await.unwrap());
-    let response = client
-        .list_nodes(ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    response
-        .nodes
+    let nodes = list_nodes(endpoint).await;
+    nodes
         .iter()
         .find(|n| n.node_id == id)
         .map_or(0, |n| n.acked_revision)
