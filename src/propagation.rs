@@ -26,7 +26,7 @@ use crate::{
     fleet::{Fleet, NodeView, Watermark},
     hub::Hub,
     store::{MemberUpdate, Store, StoreError},
-    token::{Micros, TokenId, TokenRecord, now_micros},
+    token::{Micros, Status, TokenId, TokenRecord, now_micros},
 };
 
 /// How long the worker waits before retrying after a storage failure.
@@ -113,13 +113,16 @@ impl Propagation {
         (Propagation { events, head }, handle)
     }
 
-    /// Hands a token that just became PENDING to the worker and wakes the
-    /// Sync streams waiting for the next change.
+    /// Hands a token whose change was just committed to the worker, unless
+    /// the commit already made it INSYNC, and wakes the Sync streams waiting
+    /// for the next change.
     pub fn submitted(&self, record: TokenRecord) {
         let revision = record.revision;
         // The worker only stops at shutdown; a token it misses then is
         // PENDING on disk and is picked up at the next start.
-        let _ = self.events.send(Event::Submitted(record));
+        if record.status == Status::Pending {
+            let _ = self.events.send(Event::Submitted(record));
+        }
         self.head.send_if_modified(|head| {
             let newer = revision > *head;
             if newer {

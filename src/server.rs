@@ -25,7 +25,7 @@ use crate::{
     retention,
     service::{ChangeTokens, MAX_DESCRIPTION},
     stats::Stats,
-    store::{OpenError, Store},
+    store::{OpenError, Settle, Store},
     sync::FleetService,
 };
 
@@ -95,7 +95,14 @@ impl Server {
     /// Opens the data directory. Fails if it cannot be opened or another
     /// process holds it.
     pub fn open(config: Config) -> Result<Server, OpenError> {
-        let store = Store::open(&config.data_dir)?;
+        // Standing alone with no delay and no minimum fleet, a change is
+        // INSYNC once durable: the commit settles it, saving a second commit.
+        let settle = if config.propagation_delay.is_zero() && config.min_fleet_size == 0 {
+            Settle::WhenAlone
+        } else {
+            Settle::Worker
+        };
+        let store = Store::open(&config.data_dir, settle)?;
         Ok(Server { config, store })
     }
 

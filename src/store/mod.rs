@@ -38,18 +38,44 @@ const SCOPES: TableDefinition<&str, u128> = TableDefinition::new("scopes");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// The tokens that are PENDING, by revision.
 const PENDING: TableDefinition<u64, u128> = TableDefinition::new("pending");
-/// INSYNC tokens by (time they became INSYNC, revision), for retention.
-const EXPIRY: TableDefinition<(u64, u64), u128> = TableDefinition::new("expiry");
+/// Schema 1 indexed INSYNC tokens by time for retention; the change log in
+/// revision order is that index, since tokens become INSYNC in that order.
+const EXPIRY_V1: &str = "expiry";
 /// Fleet members by node id: the highest revision each acknowledged.
 const MEMBERS: TableDefinition<&str, u64> = TableDefinition::new("members");
 /// Counters and the schema version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// `META` key of the last revision handed out.
+/// `META` key of the last revision handed out as of the last purge; later
+/// revisions are the keys of `CHANGES` beyond it.
 const HEAD: &str = "head_revision";
 /// `META` key of the layout version of the tables above.
 const SCHEMA: &str = "schema";
-const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION: u64 = 2;
+
+/// Who moves a committed change from PENDING to INSYNC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Settle {
+    /// Always the propagation worker: every change is committed PENDING.
+    #[default]
+    Worker,
+    /// The commit itself, when no fleet member is stored and nothing earlier
+    /// is PENDING: for a service that stands alone with no propagation delay
+    /// and no minimum fleet size, where a change is INSYNC once durable.
+    /// Watchers still see PENDING, then INSYNC.
+    WhenAlone,
+}
+
+/// The last revision handed out: the stored head or the newest change.
+fn head_of<M, C>(meta: &M, changes: &C) -> Result<u64, StoreError>
+where
+    M: ReadableTable<&'static str, u64>,
+    C: ReadableTable<u64, &'static [u8]>,
+{
+    let stored = meta.get(HEAD)?.map_or(0, |v| v.value());
+    let newest = changes.last()?.map_or(0, |(k, _)| k.value());
+    Ok(stored.max(newest))
+}
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "changetoken.redb";
@@ -205,7 +231,7 @@ impl Drop for Inner {
 impl Store {
     /// Opens (creating if needed) the database in `dir`. Fails if another
     /// process has it open.
-    pub fn open(dir: &Path) -> Result<Store, OpenError> {
+    pub fn open(dir: &Path, settle: Settle) -> Result<Store, OpenError> {
         std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
             path: dir.to_owned(),
             source,
@@ -229,7 +255,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        if found != SCHEMA_VERSION {
+        if found > SCHEMA_VERSION {
             return Err(OpenError::Schema { path, found });
         }
         tracing::debug!(path = %path.display(), "database open");
@@ -241,7 +267,7 @@ impl Store {
         let writer_commits = commits.clone();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(&writer_db, rx, &writer_commits))
+            .spawn(move || writer::run(&writer_db, settle, rx, &writer_commits))
             .expect("spawning the store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -385,7 +411,8 @@ impl Store {
 
     /// The latest revision of the change log (0 before the first change).
     pub async fn head(&self) -> Result<u64, StoreError> {
-        Ok(self.snapshot()?.meta.get(HEAD)?.map_or(0, |v| v.value()))
+        let snapshot = self.snapshot()?;
+        head_of(&snapshot.meta, &snapshot.changes)
     }
 
     /// The changes after revision `after`, in revision order: at most
@@ -448,8 +475,9 @@ impl Store {
     }
 }
 
-/// Creates every table and records the schema version of a new database;
-/// returns the version found.
+/// Creates every table of a new database and brings an older one to the
+/// current schema; returns the version found (the current one after an
+/// upgrade, a newer one untouched).
 fn init_schema(db: &Database) -> Result<u64, redb::Error> {
     let txn = db.begin_write()?;
     let version = {
@@ -457,12 +485,20 @@ fn init_schema(db: &Database) -> Result<u64, redb::Error> {
         txn.open_table(SCOPES)?;
         txn.open_table(CHANGES)?;
         txn.open_table(PENDING)?;
-        txn.open_table(EXPIRY)?;
         txn.open_table(MEMBERS)?;
         let mut meta = txn.open_table(META)?;
         let found = meta.get(SCHEMA)?.map(|v| v.value());
         match found {
-            Some(version) => version,
+            Some(version) if version >= SCHEMA_VERSION => version,
+            Some(version) => {
+                if version < 2 {
+                    // Its entries are recomputed from the change log.
+                    let expiry: TableDefinition<(u64, u64), u128> = TableDefinition::new(EXPIRY_V1);
+                    txn.delete_table(expiry)?;
+                }
+                meta.insert(SCHEMA, SCHEMA_VERSION)?;
+                SCHEMA_VERSION
+            }
             None => {
                 meta.insert(SCHEMA, SCHEMA_VERSION)?;
                 SCHEMA_VERSION
@@ -471,4 +507,73 @@ fn init_schema(db: &Database) -> Result<u64, redb::Error> {
     };
     txn.commit()?;
     Ok(version)
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::TableHandle;
+
+    use super::*;
+
+    /// A database as schema 1 left it: the expiry index, and the head in
+    /// `META` beyond every change retention left.
+    fn schema_1(path: &Path) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(TOKENS).unwrap();
+            txn.open_table(SCOPES).unwrap();
+            txn.open_table(CHANGES).unwrap();
+            txn.open_table(PENDING).unwrap();
+            txn.open_table(MEMBERS).unwrap();
+            let mut expiry = txn
+                .open_table(TableDefinition::<(u64, u64), u128>::new(EXPIRY_V1))
+                .unwrap();
+            expiry.insert((1, 7), 9).unwrap();
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(SCHEMA, 1).unwrap();
+            meta.insert(HEAD, 7).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_database_is_upgraded_and_keeps_its_head() {
+        let dir = tempfile::tempdir().unwrap();
+        schema_1(&dir.path().join(DB_FILE));
+        let store = Store::open(dir.path(), Settle::WhenAlone).unwrap();
+        assert_eq!(store.head().await.unwrap(), 7);
+        let token = store.provision(&Scope::parse("s").unwrap()).await.unwrap();
+        let submitted = store.submit(token, b"x".to_vec(), String::new()).await;
+        let record = submitted.unwrap().record;
+        assert_eq!((record.revision, record.status), (8, Status::InSync));
+        drop(store);
+
+        let db = Database::open(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get(SCHEMA).unwrap().unwrap().value(), SCHEMA_VERSION);
+        let names: Vec<_> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n == EXPIRY_V1), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA, SCHEMA_VERSION + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(dir.path(), Settle::Worker).err().unwrap();
+        assert!(matches!(err, OpenError::Schema { found, .. } if found == SCHEMA_VERSION + 1));
+    }
 }

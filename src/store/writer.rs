@@ -15,8 +15,8 @@ use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANGES, EXPIRY, HEAD, MEMBERS, META, PENDING, SCOPES, StoreError, SubmitError, Submitted,
-    TOKENS, codec,
+    CHANGES, HEAD, MEMBERS, META, PENDING, SCOPES, Settle, StoreError, SubmitError, Submitted,
+    TOKENS, codec, head_of,
 };
 use crate::token::{Micros, Scope, Status, TokenId, TokenRecord, now_micros};
 
@@ -85,7 +85,7 @@ pub(super) struct Job {
 
 /// Runs until every sender is gone. `commits` counts committed batches; it
 /// moves after a commit and before that commit's replies are sent.
-pub(super) fn run(db: &Database, jobs: mpsc::Receiver<Job>, commits: &AtomicU64) {
+pub(super) fn run(db: &Database, settle: Settle, jobs: mpsc::Receiver<Job>, commits: &AtomicU64) {
     let _span = tracing::debug_span!("store_writer").entered();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -95,13 +95,13 @@ pub(super) fn run(db: &Database, jobs: mpsc::Receiver<Job>, commits: &AtomicU64)
                 Err(_) => break,
             }
         }
-        commit_batch(db, batch, commits);
+        commit_batch(db, settle, batch, commits);
     }
 }
 
-fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
+fn commit_batch(db: &Database, settle: Settle, batch: Vec<Job>, commits: &AtomicU64) {
     let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-    match apply_all(db, ops) {
+    match apply_all(db, settle, ops) {
         Ok(results) => {
             commits.fetch_add(1, Ordering::Release);
             for (reply, result) in replies.into_iter().zip(results) {
@@ -117,10 +117,10 @@ fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
     }
 }
 
-fn apply_all(db: &Database, ops: Vec<Op>) -> Result<Vec<Reply>, StoreError> {
+fn apply_all(db: &Database, settle: Settle, ops: Vec<Op>) -> Result<Vec<Reply>, StoreError> {
     let txn = db.begin_write()?;
     let results = {
-        let mut tables = Tables::open(&txn)?;
+        let mut tables = Tables::open(&txn, settle)?;
         let now = now_micros();
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
@@ -137,21 +137,27 @@ struct Tables<'txn> {
     scopes: Table<'txn, &'static str, u128>,
     changes: Table<'txn, u64, &'static [u8]>,
     pending: Table<'txn, u64, u128>,
-    expiry: Table<'txn, (u64, u64), u128>,
     meta: Table<'txn, &'static str, u64>,
     members: Table<'txn, &'static str, u64>,
+    /// The last revision handed out, including this transaction's.
+    head: u64,
+    settle: Settle,
 }
 
 impl<'txn> Tables<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+    fn open(txn: &'txn WriteTransaction, settle: Settle) -> Result<Self, StoreError> {
+        let changes = txn.open_table(CHANGES)?;
+        let meta = txn.open_table(META)?;
+        let head = head_of(&meta, &changes)?;
         Ok(Tables {
             tokens: txn.open_table(TOKENS)?,
             scopes: txn.open_table(SCOPES)?,
-            changes: txn.open_table(CHANGES)?,
+            changes,
             pending: txn.open_table(PENDING)?,
-            expiry: txn.open_table(EXPIRY)?,
-            meta: txn.open_table(META)?,
+            meta,
             members: txn.open_table(MEMBERS)?,
+            head,
+            settle,
         })
     }
 
@@ -197,6 +203,11 @@ impl<'txn> Tables<'txn> {
         if let Some(token) = self.scopes.get(scope.as_str())? {
             return Ok(TokenId::from_u128(token.value()));
         }
+        self.mint(scope.as_str(), now)
+    }
+
+    /// Stores a new PROVISIONED token as the scope's outstanding one.
+    fn mint(&mut self, scope: &str, now: Micros) -> Result<TokenId, StoreError> {
         let token = loop {
             let candidate = TokenId::generate();
             if self.tokens.get(candidate.as_u128())?.is_none() {
@@ -205,14 +216,14 @@ impl<'txn> Tables<'txn> {
         };
         self.put_record(&TokenRecord {
             token,
-            scope: scope.as_str().to_owned(),
+            scope: scope.to_owned(),
             status: Status::Provisioned,
             revision: 0,
             provisioned_at: now,
             pending_at: 0,
             insync_at: 0,
         })?;
-        self.scopes.insert(scope.as_str(), token.as_u128())?;
+        self.scopes.insert(scope, token.as_u128())?;
         Ok(token)
     }
 
@@ -250,37 +261,48 @@ impl<'txn> Tables<'txn> {
             });
         }
 
-        let revision = self
-            .meta
-            .get(HEAD)
-            .map_err(StoreError::from)?
-            .map_or(0, |v| v.value())
-            + 1;
+        let revision = self.head + 1;
         let encoded = codec::encode_change(token, now, description, payload);
         self.changes
             .insert(revision, encoded.as_slice())
             .map_err(StoreError::from)?;
-        self.meta.insert(HEAD, revision).map_err(StoreError::from)?;
-        self.pending
-            .insert(revision, token.as_u128())
-            .map_err(StoreError::from)?;
-        let outstanding = self
-            .scopes
-            .get(record.scope.as_str())
-            .map_err(StoreError::from)?;
-        if outstanding.map(|v| v.value()) == Some(token.as_u128()) {
-            self.scopes
-                .remove(record.scope.as_str())
-                .map_err(StoreError::from)?;
-        }
+        self.head = revision;
         record.status = Status::Pending;
         record.revision = revision;
         record.pending_at = now;
+        if self.settles_alone()? {
+            record.status = Status::InSync;
+            record.insync_at = now;
+        } else {
+            self.pending
+                .insert(revision, token.as_u128())
+                .map_err(StoreError::from)?;
+        }
         self.put_record(&record)?;
+        // The scope's next token is minted with the use of the current one,
+        // so that asking for it is a read: once a scope has been written to,
+        // GetChangeToken never waits for a commit.
+        let outstanding = self
+            .scopes
+            .get(record.scope.as_str())
+            .map_err(StoreError::from)?
+            .map(|v| v.value());
+        if outstanding == Some(token.as_u128()) {
+            self.mint(&record.scope, now)?;
+        }
         Ok(Submitted {
             record,
             replay: false,
         })
+    }
+
+    /// Whether a change committed now is INSYNC in the same commit: the
+    /// store settles alone, no member is stored (so none can be waiting for
+    /// it) and nothing earlier is PENDING (so INSYNC keeps revision order).
+    fn settles_alone(&self) -> Result<bool, StoreError> {
+        Ok(self.settle == Settle::WhenAlone
+            && self.members.first()?.is_none()
+            && self.pending.first()?.is_none())
     }
 
     fn mark_insync(
@@ -300,8 +322,6 @@ impl<'txn> Tables<'txn> {
             record.insync_at = now;
             self.put_record(&record)?;
             self.pending.remove(record.revision)?;
-            self.expiry
-                .insert((now, record.revision), token.as_u128())?;
             moved.push(record);
         }
         Ok(moved)
@@ -321,16 +341,33 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
+    /// Deletes, oldest revision first, up to `limit` changes whose tokens
+    /// became INSYNC before `cutoff`, with their tokens. Tokens become INSYNC
+    /// in revision order, so the expired ones are a prefix of the log; the
+    /// scan stops at the first change that is not expired.
     fn purge(&mut self, cutoff: Micros, limit: usize) -> Result<usize, StoreError> {
         let mut doomed = Vec::new();
-        for entry in self.expiry.range(..(cutoff, 0))?.take(limit) {
-            let (key, token) = entry?;
-            doomed.push((key.value(), token.value()));
+        for entry in self.changes.iter()?.take(limit) {
+            let (revision, value) = entry?;
+            let token = codec::decode_change(value.value())?.token;
+            let record = self.record(token)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "revision {} names token {token}, which has no record",
+                    revision.value()
+                ))
+            })?;
+            if record.status != Status::InSync || record.insync_at >= cutoff {
+                break;
+            }
+            doomed.push((revision.value(), token));
         }
-        for &((at, revision), token) in &doomed {
-            self.expiry.remove((at, revision))?;
+        if !doomed.is_empty() {
+            // The head outlives the changes that show it.
+            self.meta.insert(HEAD, self.head)?;
+        }
+        for &(revision, token) in &doomed {
             self.changes.remove(revision)?;
-            self.tokens.remove(token)?;
+            self.tokens.remove(token.as_u128())?;
         }
         Ok(doomed.len())
     }

@@ -385,6 +385,13 @@ async fn retention_deletes_insync_tokens_and_nothing_else() {
         ChangeTokenStatus::Provisioned
     );
     assert_eq!(token(&mut client, "unused").await, kept);
+    // The log is empty now; revisions still never repeat.
+    let next = token(&mut client, "used").await;
+    assert_eq!(
+        status(&mut client, &next).await.unwrap(),
+        ChangeTokenStatus::Provisioned
+    );
+    assert_eq!(submit(&mut client, &next, b"q", "").await.unwrap(), 2);
 }
 
 #[tokio::test]

@@ -206,6 +206,27 @@ async fn watch_of_provisioned_token_sees_provisioned_pending_insync_then_ends_ok
     );
 }
 
+/// Standing alone with no delay, the commit of a change makes it INSYNC at
+/// once; a watcher still sees PENDING before INSYNC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_insync_once_durable_still_shows_pending_to_watchers() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let token = get_token(client.clone(), String::new()).await;
+    let mut stream = watch(&mut client, &token).await.expect("WatchToken");
+    let first = next(&mut stream).await.expect("a first message");
+    let revision = submit(client.clone(), token.clone()).await;
+    assert_eq!(
+        status_of(&mut client, &token).await,
+        ChangeTokenStatus::Insync
+    );
+
+    let mut messages = vec![first];
+    messages.extend(collect(stream).await);
+    assert_sequence(&messages, &token, &FULL, revision);
+    assert_eq!(micros(&messages[1]), micros(&messages[2]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_of_insync_token_sends_exactly_one_insync_then_ends_ok() {
     let server = TestServer::start(|_| {}).await;
