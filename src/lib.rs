@@ -10,7 +10,8 @@
 //!
 //! Layout:
 //! - [`token`]: tokens, scopes, statuses, records: validated domain types.
-//! - [`store`]: the redb database; the only module that knows redb.
+//! - [`store`]: the redb database and its write-ahead log; the only module
+//!   that knows redb.
 //! - [`hub`], [`watch`]: transition fan-out and the per-watcher stream.
 //! - [`fleet`], [`sync`]: fleet membership, the INSYNC rule, and the Sync
 //!   streams through which nodes follow the change log.

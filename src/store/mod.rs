@@ -3,12 +3,15 @@
 //!
 //! Writes go through one writer thread that gathers every request waiting at
 //! the moment it starts a transaction into that transaction, so concurrent
-//! writers share one fsync (group commit). A write's reply is sent only after
-//! its transaction committed with immediate durability. Reads run in their own
-//! read transactions and never wait for a commit: point reads on the calling
-//! thread, scans on the blocking pool.
+//! writers share one sync (group commit). A transaction is made durable by a
+//! synced record in the write-ahead log ([`wal`]) before it is committed, and
+//! the database file itself is synced at checkpoints; a write's reply is sent
+//! only after both. Reads run in their own read transactions and never wait
+//! for a commit: point reads on the calling thread, scans on the blocking
+//! pool.
 
 mod codec;
+mod wal;
 mod writer;
 
 use std::{
@@ -25,6 +28,7 @@ use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefini
 use tokio::sync::oneshot;
 
 pub use codec::Change;
+use wal::Wal;
 pub use writer::MemberUpdate;
 use writer::{Job, Op, Reply};
 
@@ -49,6 +53,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// `META` key of the last revision handed out as of the last purge; later
 /// revisions are the keys of `CHANGES` beyond it.
 const HEAD: &str = "head_revision";
+/// `META` key of the sequence number of the last write-ahead log record that
+/// the last checkpoint includes.
+const WAL_SEQ: &str = "wal_seq";
 /// `META` key of the layout version of the tables above.
 const SCHEMA: &str = "schema";
 const SCHEMA_VERSION: u64 = 2;
@@ -79,6 +86,7 @@ where
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "changetoken.redb";
+pub use wal::WAL_FILE;
 
 /// Why the data directory could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +113,22 @@ pub enum OpenError {
         /// What redb reported.
         source: redb::Error,
     },
+    /// The write-ahead log cannot be read.
+    #[error("cannot read write-ahead log {}: {source}", path.display())]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// What the system reported.
+        source: std::io::Error,
+    },
+    /// The write-ahead log could not be applied to the database.
+    #[error("cannot replay write-ahead log {}: {source}", path.display())]
+    Replay {
+        /// The log file.
+        path: PathBuf,
+        /// Why the replay failed.
+        source: StoreError,
+    },
     /// The file was written by a newer, incompatible version.
     #[error("database {} has schema version {found}, this build reads {SCHEMA_VERSION}",
         path.display())]
@@ -122,6 +146,10 @@ pub enum StoreError {
     /// The disk or the database refused the operation; it may succeed if retried.
     #[error("storage i/o failed: {0}")]
     Io(Arc<redb::Error>),
+    /// The write-ahead log could not be written or synced; it may succeed if
+    /// retried, unless the log could not be repaired (then until a restart).
+    #[error("write-ahead log i/o failed: {0}")]
+    Log(Arc<std::io::Error>),
     /// The database contents are not what this build wrote.
     #[error("storage is corrupt: {0}")]
     Corrupt(String),
@@ -152,8 +180,15 @@ from_redb!(
     redb::StorageError,
     redb::TableError,
     redb::TransactionError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
+
+impl StoreError {
+    fn log(err: std::io::Error) -> Self {
+        StoreError::Log(Arc::new(err))
+    }
+}
 
 impl From<codec::Corrupt> for StoreError {
     fn from(err: codec::Corrupt) -> Self {
@@ -251,13 +286,27 @@ impl Store {
                 });
             }
         };
-        let found = init_schema(&db).map_err(|source| OpenError::Database {
+        let (found, created) = init_schema(&db).map_err(|source| OpenError::Database {
             path: path.clone(),
             source,
         })?;
-        if found > SCHEMA_VERSION {
+        if found != SCHEMA_VERSION {
             return Err(OpenError::Schema { path, found });
         }
+        let wal_path = dir.join(WAL_FILE);
+        if created {
+            // A log left beside a deleted database belongs to that database.
+            match std::fs::remove_file(&wal_path) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(OpenError::Log {
+                        path: wal_path,
+                        source: err,
+                    });
+                }
+                _ => {}
+            }
+        }
+        let wal = recover(&db, &wal_path)?;
         tracing::debug!(path = %path.display(), "database open");
 
         let db = Arc::new(db);
@@ -267,7 +316,7 @@ impl Store {
         let writer_commits = commits.clone();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(&writer_db, settle, rx, &writer_commits))
+            .spawn(move || writer::run(&writer_db, wal, settle, rx, &writer_commits))
             .expect("spawning the store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
@@ -475,12 +524,46 @@ impl Store {
     }
 }
 
+/// Replays the write-ahead log records that the last checkpoint does not
+/// include, as a new checkpoint, and returns the log ready for appends.
+fn recover(db: &Database, path: &Path) -> Result<Wal, OpenError> {
+    let replay_error = |source| OpenError::Replay {
+        path: path.to_owned(),
+        source,
+    };
+    let checkpoint = (|| {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok::<_, StoreError>(meta.get(WAL_SEQ)?.map_or(0, |v| v.value()))
+    })()
+    .map_err(replay_error)?;
+    let (wal, bodies) = Wal::open(path, checkpoint).map_err(|source| OpenError::Log {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !bodies.is_empty() {
+        (|| {
+            let txn = db.begin_write()?;
+            writer::replay(&txn, &bodies)?;
+            txn.open_table(META)?.insert(WAL_SEQ, wal.last_seq())?;
+            txn.commit()?;
+            Ok(())
+        })()
+        .map_err(replay_error)?;
+        tracing::info!(
+            records = bodies.len(),
+            "replayed the write-ahead log of an unclean stop"
+        );
+    }
+    Ok(wal)
+}
+
 /// Creates every table of a new database and brings an older one to the
 /// current schema; returns the version found (the current one after an
-/// upgrade, a newer one untouched).
-fn init_schema(db: &Database) -> Result<u64, redb::Error> {
+/// upgrade, a newer one untouched) and whether the database is new.
+fn init_schema(db: &Database) -> Result<(u64, bool), redb::Error> {
     let txn = db.begin_write()?;
-    let version = {
+    let found = {
         txn.open_table(TOKENS)?;
         txn.open_table(SCOPES)?;
         txn.open_table(CHANGES)?;
@@ -489,7 +572,7 @@ fn init_schema(db: &Database) -> Result<u64, redb::Error> {
         let mut meta = txn.open_table(META)?;
         let found = meta.get(SCHEMA)?.map(|v| v.value());
         match found {
-            Some(version) if version >= SCHEMA_VERSION => version,
+            Some(version) if version >= SCHEMA_VERSION => {}
             Some(version) => {
                 if version < 2 {
                     // Its entries are recomputed from the change log.
@@ -497,16 +580,16 @@ fn init_schema(db: &Database) -> Result<u64, redb::Error> {
                     txn.delete_table(expiry)?;
                 }
                 meta.insert(SCHEMA, SCHEMA_VERSION)?;
-                SCHEMA_VERSION
             }
             None => {
                 meta.insert(SCHEMA, SCHEMA_VERSION)?;
-                SCHEMA_VERSION
             }
         }
+        found
     };
     txn.commit()?;
-    Ok(version)
+    let version = found.map_or(SCHEMA_VERSION, |v| v.max(SCHEMA_VERSION));
+    Ok((version, found.is_none()))
 }
 
 #[cfg(test)]

@@ -2,21 +2,23 @@
 //!
 //! Operations of one batch are applied in arrival order, each seeing the
 //! effects of those before it, and all of them are answered only after the
-//! batch's commit returned. If anything in the batch fails at the storage
+//! batch is durable (its log record synced, or its commit synced as a
+//! checkpoint) and committed. If anything in the batch fails at the storage
 //! level the whole transaction is abandoned and every operation in it gets the
 //! error, so no reply ever speaks of state that is not on disk.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    mpsc,
+    mpsc::{self, RecvTimeoutError},
 };
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
     CHANGES, HEAD, MEMBERS, META, PENDING, SCOPES, Settle, StoreError, SubmitError, Submitted,
-    TOKENS, codec, head_of,
+    TOKENS, WAL_SEQ, codec, head_of,
+    wal::{self, Mutation, Wal},
 };
 use crate::token::{Micros, Scope, Status, TokenId, TokenRecord, now_micros};
 
@@ -83,25 +85,56 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
-/// Runs until every sender is gone. `commits` counts committed batches; it
-/// moves after a commit and before that commit's replies are sent.
-pub(super) fn run(db: &Database, settle: Settle, jobs: mpsc::Receiver<Job>, commits: &AtomicU64) {
+/// Runs until every sender is gone, then checkpoints so that a clean stop
+/// leaves an empty log. `commits` counts committed batches; it moves after a
+/// commit and before that commit's replies are sent.
+pub(super) fn run(
+    db: &Database,
+    mut wal: Wal,
+    settle: Settle,
+    jobs: mpsc::Receiver<Job>,
+    commits: &AtomicU64,
+) {
     let _span = tracing::debug_span!("store_writer").entered();
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    loop {
+        let first = if wal.is_empty() {
+            jobs.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            jobs.recv_timeout(wal.checkpoint_in())
+        };
+        match first {
+            Ok(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                commit_batch(db, &mut wal, settle, batch, commits);
             }
+            // Idle with records waiting: the checkpoint is due.
+            Err(RecvTimeoutError::Timeout) => commit_batch(db, &mut wal, settle, vec![], commits),
+            Err(RecvTimeoutError::Disconnected) => break,
         }
-        commit_batch(db, settle, batch, commits);
     }
+    if !wal.is_empty()
+        && let Err(err) = apply_all(db, &mut wal, settle, Vec::new(), true)
+    {
+        tracing::warn!(cause = %err, "final checkpoint failed; the next start replays the log");
+    }
+    wal.close();
 }
 
-fn commit_batch(db: &Database, settle: Settle, batch: Vec<Job>, commits: &AtomicU64) {
+fn commit_batch(
+    db: &Database,
+    wal: &mut Wal,
+    settle: Settle,
+    batch: Vec<Job>,
+    commits: &AtomicU64,
+) {
     let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-    match apply_all(db, settle, ops) {
+    match apply_all(db, wal, settle, ops, false) {
         Ok(results) => {
             commits.fetch_add(1, Ordering::Release);
             for (reply, result) in replies.into_iter().zip(results) {
@@ -117,19 +150,61 @@ fn commit_batch(db: &Database, settle: Settle, batch: Vec<Job>, commits: &Atomic
     }
 }
 
-fn apply_all(db: &Database, settle: Settle, ops: Vec<Op>) -> Result<Vec<Reply>, StoreError> {
-    let txn = db.begin_write()?;
-    let results = {
+/// Applies `ops` in one transaction and makes it durable: through the log,
+/// or as a checkpoint (a synced commit that also records the last log record
+/// it includes) when one is due or `checkpoint` asks for it. The log record
+/// is synced before the commit, so every committed state that a reader can
+/// see is durable.
+fn apply_all(
+    db: &Database,
+    wal: &mut Wal,
+    settle: Settle,
+    ops: Vec<Op>,
+    checkpoint: bool,
+) -> Result<Vec<Reply>, StoreError> {
+    wal.usable().map_err(StoreError::log)?;
+    let checkpoint = checkpoint || wal.checkpoint_due();
+    let mut txn = db.begin_write()?;
+    if !checkpoint {
+        txn.set_durability(Durability::None)?;
+    }
+    let (results, journal) = {
         let mut tables = Tables::open(&txn, settle)?;
         let now = now_micros();
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             results.push(tables.apply(op, now)?);
         }
-        results
+        if checkpoint {
+            tables.meta.insert(WAL_SEQ, wal.last_seq())?;
+        }
+        (results, tables.journal)
     };
-    txn.commit()?;
+    if checkpoint {
+        txn.commit()?;
+        wal.checkpointed();
+    } else if journal.is_empty() {
+        txn.abort()?;
+    } else {
+        let mark = wal.append(&journal).map_err(StoreError::log)?;
+        if let Err(err) = txn.commit() {
+            wal.undo(mark);
+            return Err(err.into());
+        }
+    }
     Ok(results)
+}
+
+/// Applies the bodies of log records, in order, in `txn`.
+pub(super) fn replay(txn: &WriteTransaction, bodies: &[Vec<u8>]) -> Result<(), StoreError> {
+    let mut tables = Tables::open(txn, Settle::Worker)?;
+    for body in bodies {
+        for mutation in wal::decode(body).map_err(|e| StoreError::Corrupt(e.to_string()))? {
+            tables.write(mutation)?;
+        }
+        tables.journal.clear();
+    }
+    Ok(())
 }
 
 struct Tables<'txn> {
@@ -142,6 +217,8 @@ struct Tables<'txn> {
     /// The last revision handed out, including this transaction's.
     head: u64,
     settle: Settle,
+    /// Every mutation applied, encoded for the log.
+    journal: Vec<u8>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -158,7 +235,27 @@ impl<'txn> Tables<'txn> {
             members: txn.open_table(MEMBERS)?,
             head,
             settle,
+            journal: Vec::new(),
         })
+    }
+
+    /// Applies one mutation and records it for the log. Every change to the
+    /// tables goes through here, so the log holds all of them.
+    fn write(&mut self, mutation: Mutation<'_>) -> Result<(), StoreError> {
+        match mutation {
+            Mutation::PutToken(key, value) => drop(self.tokens.insert(key, value)?),
+            Mutation::DeleteToken(key) => drop(self.tokens.remove(key)?),
+            Mutation::PutScope(key, value) => drop(self.scopes.insert(key, value)?),
+            Mutation::PutChange(key, value) => drop(self.changes.insert(key, value)?),
+            Mutation::DeleteChange(key) => drop(self.changes.remove(key)?),
+            Mutation::PutPending(key, value) => drop(self.pending.insert(key, value)?),
+            Mutation::DeletePending(key) => drop(self.pending.remove(key)?),
+            Mutation::PutMember(key, value) => drop(self.members.insert(key, value)?),
+            Mutation::DeleteMember(key) => drop(self.members.remove(key)?),
+            Mutation::PutMeta(key, value) => drop(self.meta.insert(key, value)?),
+        }
+        mutation.encode(&mut self.journal);
+        Ok(())
     }
 
     /// Applies one operation. `Err` is a storage failure that dooms the batch;
@@ -192,11 +289,8 @@ impl<'txn> Tables<'txn> {
     }
 
     fn put_record(&mut self, record: &TokenRecord) -> Result<(), StoreError> {
-        self.tokens.insert(
-            record.token.as_u128(),
-            codec::encode_token(record).as_slice(),
-        )?;
-        Ok(())
+        let value = codec::encode_token(record);
+        self.write(Mutation::PutToken(record.token.as_u128(), &value))
     }
 
     fn provision(&mut self, scope: &Scope, now: Micros) -> Result<TokenId, StoreError> {
@@ -223,7 +317,7 @@ impl<'txn> Tables<'txn> {
             pending_at: 0,
             insync_at: 0,
         })?;
-        self.scopes.insert(scope, token.as_u128())?;
+        self.write(Mutation::PutScope(scope, token.as_u128()))?;
         Ok(token)
     }
 
@@ -263,9 +357,7 @@ impl<'txn> Tables<'txn> {
 
         let revision = self.head + 1;
         let encoded = codec::encode_change(token, now, description, payload);
-        self.changes
-            .insert(revision, encoded.as_slice())
-            .map_err(StoreError::from)?;
+        self.write(Mutation::PutChange(revision, &encoded))?;
         self.head = revision;
         record.status = Status::Pending;
         record.revision = revision;
@@ -274,9 +366,7 @@ impl<'txn> Tables<'txn> {
             record.status = Status::InSync;
             record.insync_at = now;
         } else {
-            self.pending
-                .insert(revision, token.as_u128())
-                .map_err(StoreError::from)?;
+            self.write(Mutation::PutPending(revision, token.as_u128()))?;
         }
         self.put_record(&record)?;
         // The scope's next token is minted with the use of the current one,
@@ -321,7 +411,7 @@ impl<'txn> Tables<'txn> {
             record.status = Status::InSync;
             record.insync_at = now;
             self.put_record(&record)?;
-            self.pending.remove(record.revision)?;
+            self.write(Mutation::DeletePending(record.revision))?;
             moved.push(record);
         }
         Ok(moved)
@@ -331,10 +421,10 @@ impl<'txn> Tables<'txn> {
         for update in updates {
             match update {
                 MemberUpdate::Put { node, acked } => {
-                    self.members.insert(node.as_str(), *acked)?;
+                    self.write(Mutation::PutMember(node, *acked))?;
                 }
                 MemberUpdate::Remove { node } => {
-                    self.members.remove(node.as_str())?;
+                    self.write(Mutation::DeleteMember(node))?;
                 }
             }
         }
@@ -363,11 +453,11 @@ impl<'txn> Tables<'txn> {
         }
         if !doomed.is_empty() {
             // The head outlives the changes that show it.
-            self.meta.insert(HEAD, self.head)?;
+            self.write(Mutation::PutMeta(HEAD, self.head))?;
         }
         for &(revision, token) in &doomed {
-            self.changes.remove(revision)?;
-            self.tokens.remove(token.as_u128())?;
+            self.write(Mutation::DeleteChange(revision))?;
+            self.write(Mutation::DeleteToken(token.as_u128()))?;
         }
         Ok(doomed.len())
     }

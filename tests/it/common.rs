@@ -5,6 +5,10 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -155,6 +159,8 @@ where
 pub struct Process {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Set once the process logged that it replayed its write-ahead log.
+    pub replayed_log: Arc<AtomicBool>,
 }
 
 impl Process {
@@ -182,8 +188,16 @@ impl Process {
             .expect("spawn changetoken");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
+        let replayed_log = Arc::new(AtomicBool::new(false));
+        let replayed = replayed_log.clone();
+        let note = move |line: &str| {
+            if line.contains("replayed the write-ahead log") {
+                replayed.store(true, Ordering::Relaxed);
+            }
+        };
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.expect("read stderr") {
+                note(&line);
                 if let Some(addr) = listening_addr(&line) {
                     return addr;
                 }
@@ -193,8 +207,16 @@ impl Process {
         .await
         .expect("changetoken did not start listening within 30 s");
         // Keep draining stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process { child, addr }
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                note(&line);
+            }
+        });
+        Process {
+            child,
+            addr,
+            replayed_log,
+        }
     }
 
     pub fn endpoint(&self) -> String {
