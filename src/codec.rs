@@ -12,7 +12,7 @@ use tonic::{
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// Initial buffer size, in bytes.
-const BUFFER: usize = 512;
+const BUFFER: usize = 128;
 /// How much encoded data a stream buffers before yielding it to the transport.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

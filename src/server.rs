@@ -129,10 +129,9 @@ impl Server {
         let stats = Stats::default();
         let service = ChangeTokens::new(
             store,
-            hub,
+            hub.clone(),
             propagation,
             config.max_payload,
-            cancel.clone(),
             stats.clone(),
         );
 
@@ -181,6 +180,7 @@ impl Server {
         tracing::info!("shutting down");
         set_health(&health, ServingStatus::NotServing).await;
         cancel.cancel();
+        hub.close();
 
         let result = match early {
             Some(result) => result,

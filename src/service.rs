@@ -1,7 +1,6 @@
 //! `ChangeTokenService`: validates requests, calls the store, and publishes
 //! the transitions the store committed.
 
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -29,7 +28,6 @@ pub struct ChangeTokens {
     hub: Hub,
     propagation: Propagation,
     max_payload: usize,
-    shutdown: CancellationToken,
     stats: Stats,
 }
 
@@ -41,7 +39,6 @@ impl ChangeTokens {
         hub: Hub,
         propagation: Propagation,
         max_payload: usize,
-        shutdown: CancellationToken,
         stats: Stats,
     ) -> Self {
         ChangeTokens {
@@ -49,7 +46,6 @@ impl ChangeTokens {
             hub,
             propagation,
             max_payload,
-            shutdown,
             stats,
         }
     }
@@ -142,7 +138,7 @@ impl ChangeTokens {
             .change_token
             .parse()
             .map_err(ApiError::from)?;
-        let stream = watch::open(&self.hub, &self.store, token, self.shutdown.clone()).await?;
+        let stream = watch::open(&self.hub, &self.store, token).await?;
         tracing::debug!(%token, "watch opened");
         Ok(Response::new(stream))
     }

@@ -2,109 +2,114 @@
 //!
 //! The watcher subscribes to the hub before it reads the token's stored state,
 //! so a transition committed after that read is always published to it; one
-//! committed before the read is in the state it read, and is skipped when its
+//! committed before the read is in the state it read, and is ignored when its
 //! publication arrives because a token's status only moves forward. The stream
-//! ends with OK after INSYNC, and with UNAVAILABLE when the server shuts down.
+//! ends with OK after INSYNC, and with UNAVAILABLE when the hub closes at
+//! server shutdown.
+//!
+//! The stream keeps the latest state it knows and the last status it sent,
+//! and builds each message when the transport asks for it: a watcher that
+//! does not read holds no queued messages, only that state.
 
-use std::{collections::VecDeque, pin::Pin};
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
 
-use futures_util::{Stream, stream};
+use futures_util::Stream;
 use prost_types::Timestamp;
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
     error::ApiError,
-    hub::{Hub, Subscription},
+    hub::{Hub, Progress, Subscription, Update},
     proto::{ChangeTokenStatus, WatchTokenResponse},
     store::Store,
-    token::{Micros, Status as TokenStatus, TokenId, TokenRecord},
+    token::{Micros, Status as TokenStatus, TokenId},
 };
 
-/// The response stream of `WatchToken`.
-pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchTokenResponse, Status>> + Send>>;
-
 /// Opens a watch on `token`: fails with `NotFound` if the token does not exist.
-pub async fn open(
-    hub: &Hub,
-    store: &Store,
-    token: TokenId,
-    shutdown: CancellationToken,
-) -> Result<WatchStream, ApiError> {
+pub async fn open(hub: &Hub, store: &Store, token: TokenId) -> Result<WatchStream, ApiError> {
     let subscription = hub.subscribe(token);
     let record = store.get(token).await?.ok_or(ApiError::NotFound(token))?;
-    let mut watcher = Watcher {
+    Ok(WatchStream {
         subscription,
+        latest: Progress::of(&record),
         sent: None,
-        queue: VecDeque::with_capacity(1),
-        shutdown,
+        closed: false,
         done: false,
-    };
-    watcher.send_state(&record, record.status);
-    Ok(Box::pin(stream::unfold(watcher, Watcher::next)))
+    })
 }
 
-struct Watcher {
+/// The response stream of `WatchToken`.
+pub struct WatchStream {
     subscription: Subscription,
-    /// The most advanced status already queued for the client.
+    /// The most advanced state known.
+    latest: Progress,
+    /// The last status sent; `None` before the first message, which is the
+    /// state found at open.
     sent: Option<TokenStatus>,
-    /// Messages not yet taken by the client: at most one per remaining state.
-    queue: VecDeque<WatchTokenResponse>,
-    shutdown: CancellationToken,
+    /// The hub closed: the stream ends with UNAVAILABLE once the states
+    /// already known are sent.
+    closed: bool,
     done: bool,
 }
 
-impl Watcher {
-    fn send_state(&mut self, record: &TokenRecord, status: TokenStatus) {
-        let at = record.entered_at(status).unwrap_or_default();
-        self.queue.push_back(WatchTokenResponse {
-            change_token: record.token.to_string(),
-            change_token_status: proto_status(status) as i32,
-            revision: if status >= TokenStatus::Pending {
-                record.revision
-            } else {
-                0
-            },
-            changed_at: Some(timestamp(at)),
-        });
-        self.sent = Some(status);
-        self.done = status == TokenStatus::InSync;
-    }
-
-    /// Queues every state between the last one sent and `record`'s.
-    fn catch_up(&mut self, record: &TokenRecord) {
-        for status in [TokenStatus::Pending, TokenStatus::InSync] {
-            if self.sent.is_none_or(|sent| status > sent) && status <= record.status {
-                self.send_state(record, status);
+impl WatchStream {
+    /// The next status to send, if the known state is ahead of what was sent.
+    fn next_status(&self) -> Option<TokenStatus> {
+        match self.sent {
+            None => Some(self.latest.status),
+            Some(TokenStatus::Provisioned) if self.latest.status > TokenStatus::Provisioned => {
+                Some(TokenStatus::Pending)
             }
+            Some(TokenStatus::Pending) if self.latest.status > TokenStatus::Pending => {
+                Some(TokenStatus::InSync)
+            }
+            Some(_) => None,
         }
     }
 
-    async fn next(mut self) -> Option<(Result<WatchTokenResponse, Status>, Self)> {
+    fn message(&self, status: TokenStatus) -> WatchTokenResponse {
+        WatchTokenResponse {
+            change_token: self.latest.token.to_string(),
+            change_token_status: proto_status(status) as i32,
+            revision: if status >= TokenStatus::Pending {
+                self.latest.revision
+            } else {
+                0
+            },
+            changed_at: Some(timestamp(self.latest.entered_at(status))),
+        }
+    }
+}
+
+impl Stream for WatchStream {
+    type Item = Result<WatchTokenResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if let Some(message) = self.queue.pop_front() {
-                return Some((Ok(message), self));
+            if this.done {
+                return Poll::Ready(None);
             }
-            if self.done {
-                return None;
+            if let Some(status) = this.next_status() {
+                this.sent = Some(status);
+                this.done = status == TokenStatus::InSync;
+                return Poll::Ready(Some(Ok(this.message(status))));
             }
-            let receiver = self.subscription.receiver();
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => {
-                    self.done = true;
-                    return Some((Err(ApiError::ShuttingDown.into()), self));
-                }
-                changed = receiver.changed() => {
-                    if changed.is_err() {
-                        self.done = true;
-                        return Some((Err(ApiError::ShuttingDown.into()), self));
-                    }
-                    let latest = receiver.borrow_and_update().clone();
-                    if let Some(record) = latest {
-                        self.catch_up(&record);
+            if this.closed {
+                this.done = true;
+                return Poll::Ready(Some(Err(ApiError::ShuttingDown.into())));
+            }
+            match this.subscription.poll_update(cx) {
+                Poll::Ready(Update::Record(record)) => {
+                    if record.status > this.latest.status {
+                        this.latest = record;
                     }
                 }
+                Poll::Ready(Update::Closed) => this.closed = true,
+                Poll::Pending => return Poll::Pending,
             }
         }
     }

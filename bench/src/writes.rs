@@ -1,14 +1,17 @@
 //! Workload 2, durable writes: GetChangeToken + SubmitChange pairs per
 //! second against changetoken, and puts per second against etcd (also
 //! durable: it fsyncs its WAL before answering), at 1, 16 and 256
-//! concurrent clients.
+//! concurrent clients. A third system bounds what any server could do here:
+//! the echo server answering two GetChangeTokenStatus calls per pair, through
+//! the same client, transport and cores, with no storage at all.
 //!
 //! Both sides get the same generator: N tasks, each looping one operation
 //! until a deadline and counting the ones that completed before it. Every
 //! changetoken client writes its own scope; every etcd client puts its own
 //! distinct keys; both carry a 32-byte value. Clients share one connection
 //! per [`CLIENTS_PER_CONNECTION`]. At each concurrency both systems get a
-//! warm-up, then they alternate for [`ROUNDS`] rounds of [`RUN`].
+//! warm-up, then they take turns, in a rotating order, for [`ROUNDS`] rounds
+//! of [`RUN`].
 //!
 //! changetoken's server-side submit count, logged on SIGTERM, must cover
 //! every pair the clients counted, with no failed call on either side.
@@ -20,7 +23,7 @@ use std::{
 };
 
 use changetoken::proto::{
-    GetChangeTokenRequest, SubmitChangeRequest,
+    GetChangeTokenRequest, GetChangeTokenStatusRequest, SubmitChangeRequest,
     change_token_service_client::ChangeTokenServiceClient,
 };
 use etcd_client::{Client as EtcdClient, KvClient};
@@ -37,6 +40,10 @@ const RUN: Duration = Duration::from_secs(3);
 /// The run before the measured ones at each concurrency, on each system.
 const WARMUP: Duration = Duration::from_millis(500);
 const CLIENTS_PER_CONNECTION: usize = 16;
+/// The systems measured, by index.
+const SYSTEMS: [&str; 3] = ["changetoken", "etcd", "echo ceiling"];
+const CHANGETOKEN: usize = 0;
+const ETCD: usize = 1;
 /// An operation that takes longer than this counts as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The payload of a change, and the value of a put.
@@ -45,16 +52,18 @@ const VALUE: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
 pub async fn run() -> Vec<Row> {
     let dir = TempDir::new("writes");
     let changetoken = Server::changetoken(&dir.path().join("changetoken"), &[]).await;
+    let echo = Server::echo().await;
     let etcd = match Etcd::start(&dir.path().join("etcd")).await {
         Ok(etcd) => etcd,
         Err(err) => {
             let _ = changetoken.stop().await;
+            let _ = echo.stop().await;
             return vec![failed_row(WORKLOAD, &format!("cannot start etcd: {err}"))];
         }
     };
     eprintln!(
-        "writes: changetoken on {}, etcd on {}",
-        changetoken.addr, etcd.endpoint
+        "writes: changetoken on {}, etcd on {}, echo on {}",
+        changetoken.addr, etcd.endpoint, echo.addr
     );
 
     let mut problems = Vec::new();
@@ -64,16 +73,22 @@ pub async fn run() -> Vec<Row> {
     let mut rates = Vec::new();
     for n in CONCURRENCY {
         let connections = n.div_ceil(CLIENTS_PER_CONNECTION);
-        let (channels, etcd_clients) = match connect(&changetoken, &etcd, connections).await {
-            Ok(both) => both,
-            Err(err) => {
-                problems.push(format!("{n} clients: {err}"));
-                continue;
-            }
-        };
+        let (channels, echo_channels, etcd_clients) =
+            match connect(&changetoken, &echo, &etcd, connections).await {
+                Ok(all) => all,
+                Err(err) => {
+                    problems.push(format!("{n} clients: {err}"));
+                    continue;
+                }
+            };
         let ours = |i: usize| ChangeTokenOp {
             client: ChangeTokenServiceClient::new(channels[i / CLIENTS_PER_CONNECTION].clone()),
             scope: format!("bench/c{n}/{i}"),
+        };
+        let ceiling = |i: usize| EchoOp {
+            client: ChangeTokenServiceClient::new(
+                echo_channels[i / CLIENTS_PER_CONNECTION].clone(),
+            ),
         };
         let etcd_clients = &etcd_clients;
         // Keys are distinct across rounds too: each round starts its counters at 0.
@@ -85,49 +100,46 @@ pub async fn run() -> Vec<Row> {
             }
         };
 
-        let mut ct_rates = Vec::new();
-        let mut etcd_rates = Vec::new();
+        let mut measured: [Vec<f64>; 3] = Default::default();
         for round in 0..=ROUNDS {
             let (duration, label) = if round == 0 {
                 (WARMUP, "warm-up".to_string())
             } else {
                 (RUN, format!("round {round}"))
             };
-            // Alternate which system goes first.
-            for ct_turn in [round % 2 == 0, round % 2 != 0] {
-                let (system, load) = if ct_turn {
-                    ("changetoken", drive(n, duration, ours).await)
-                } else {
-                    ("etcd", drive(n, duration, theirs(round)).await)
+            for turn in 0..SYSTEMS.len() {
+                let system = (turn + round) % SYSTEMS.len();
+                let load = match system {
+                    CHANGETOKEN => drive(n, duration, ours).await,
+                    ETCD => drive(n, duration, theirs(round)).await,
+                    _ => drive(n, duration, ceiling).await,
                 };
+                let name = SYSTEMS[system];
                 let rate = load.counted as f64 / duration.as_secs_f64();
                 eprintln!(
-                    "writes: {n} clients, {label}, {system}: {rate:.0}/s ({} errors)",
+                    "writes: {n} clients, {label}, {name}: {rate:.0}/s ({} errors)",
                     load.errors
                 );
                 if let Some(err) = &load.first_error {
                     problems.push(format!(
-                        "{system}, {n} clients, {label}: {} errors, first: {err}",
+                        "{name}, {n} clients, {label}: {} errors, first: {err}",
                         load.errors
                     ));
                 }
-                if ct_turn {
+                if system == CHANGETOKEN {
                     counted_pairs += load.counted;
                     all_pairs += load.completed;
                 }
                 if round > 0 {
-                    if ct_turn {
-                        ct_rates.push(rate);
-                    } else {
-                        etcd_rates.push(rate);
-                    }
+                    measured[system].push(rate);
                 }
             }
         }
-        rates.push((n, median(&ct_rates), median(&etcd_rates)));
+        rates.push((n, measured.map(|m| median(&m))));
     }
 
     let ct_log = changetoken.stop().await;
+    let _ = echo.stop().await;
     etcd.stop().await;
     let submit_ok = served(&ct_log, "submit_ok");
     let submit_failed = served(&ct_log, "submit_failed");
@@ -152,19 +164,33 @@ pub async fn run() -> Vec<Row> {
     } else {
         " (CHECK FAILED)"
     };
-    let mut rows: Vec<Row> = rates
-        .iter()
-        .map(|&(n, ours, theirs)| {
-            Row::new(
-                WORKLOAD,
-                &format!("GetChangeToken+SubmitChange pairs/s vs etcd puts/s, {n} clients"),
-                format!("{ours:.0}{flag}"),
-                format!("{theirs:.0}"),
-                format!("{:.2}x", ours / theirs),
-                if n >= 16 { "≥ 2x" } else { "" },
-            )
-        })
-        .collect();
+    let mut rows = Vec::new();
+    for &(n, [ours, theirs, ceiling]) in &rates {
+        rows.push(Row::new(
+            WORKLOAD,
+            &format!("GetChangeToken+SubmitChange pairs/s vs etcd puts/s, {n} clients"),
+            format!("{ours:.0}{flag}"),
+            format!("{theirs:.0}"),
+            format!("{:.2}x", ours / theirs),
+            if n >= 16 { "≥ 2x" } else { "" },
+        ));
+        rows.push(Row::new(
+            WORKLOAD,
+            &format!("  ceiling: two echo calls per pair, {n} clients (vs pairs/s)"),
+            format!("{ours:.0}"),
+            format!("{ceiling:.0}"),
+            format!("{:.2} of ceiling", ours / ceiling),
+            if n >= 16 {
+                if ceiling >= 2.0 * theirs {
+                    "2x etcd is below the ceiling"
+                } else {
+                    "2x etcd is above the ceiling"
+                }
+            } else {
+                ""
+            },
+        ));
+    }
     let count = |v: Option<u64>| v.map_or("none".to_string(), |n| n.to_string());
     rows.push(Row::new(
         WORKLOAD,
@@ -188,29 +214,36 @@ pub async fn run() -> Vec<Row> {
     rows
 }
 
-/// `connections` tonic channels to changetoken and as many etcd clients,
-/// each connected before the clock starts.
+/// `connections` tonic channels to changetoken and to the echo server, and
+/// as many etcd clients, each connected before the clock starts.
 async fn connect(
     changetoken: &Server,
+    echo: &Server,
     etcd: &Etcd,
     connections: usize,
-) -> Result<(Vec<Channel>, Vec<EtcdClient>), String> {
-    let mut channels = Vec::with_capacity(connections);
-    let mut clients = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let channel = Channel::from_shared(changetoken.endpoint())
+) -> Result<(Vec<Channel>, Vec<Channel>, Vec<EtcdClient>), String> {
+    let channel = |endpoint: String| async move {
+        Channel::from_shared(endpoint)
             .map_err(|e| e.to_string())?
             .tcp_nodelay(true)
             .connect()
             .await
-            .map_err(|e| format!("connect to changetoken: {e}"))?;
-        channels.push(channel);
+            .map_err(|e| e.to_string())
+    };
+    let mut channels = Vec::with_capacity(connections);
+    let mut echo_channels = Vec::with_capacity(connections);
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let ours = channel(changetoken.endpoint()).await;
+        channels.push(ours.map_err(|e| format!("connect to changetoken: {e}"))?);
+        let ceiling = channel(echo.endpoint()).await;
+        echo_channels.push(ceiling.map_err(|e| format!("connect to echo: {e}"))?);
         let client = EtcdClient::connect([etcd.endpoint.as_str()], None)
             .await
             .map_err(|e| format!("connect to etcd: {e}"))?;
         clients.push(client);
     }
-    Ok((channels, clients))
+    Ok((channels, echo_channels, clients))
 }
 
 /// One client's repeated operation.
@@ -246,6 +279,29 @@ impl Op for ChangeTokenOp {
         Ok(())
     }
 }
+
+/// Two GetChangeTokenStatus calls to the echo server: the same number of
+/// unary calls as a pair, with nothing behind them.
+struct EchoOp {
+    client: ChangeTokenServiceClient<Channel>,
+}
+
+impl Op for EchoOp {
+    async fn once(&mut self) -> Result<(), String> {
+        for _ in 0..2 {
+            self.client
+                .get_change_token_status(GetChangeTokenStatusRequest {
+                    change_token: ECHO_TOKEN.to_owned(),
+                })
+                .await
+                .map_err(|e| format!("echo GetChangeTokenStatus: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Any well-formed token: the echo server does not look at it.
+const ECHO_TOKEN: &str = "abcd12f2-46da-4fdb-b8d5-fbd4c466928f";
 
 /// A put of a fresh key under the client's own prefix.
 struct EtcdOp {
