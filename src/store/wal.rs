@@ -124,6 +124,8 @@ impl Wal {
     /// is undone as far as possible and the error returned.
     pub fn append(&mut self, body: &[u8]) -> io::Result<Mark> {
         self.usable()?;
+        let len = u32::try_from(body.len())
+            .map_err(|_| io::Error::other("write-ahead log record over 4 GiB"))?;
         let mark = Mark {
             len: self.len,
             last_seq: self.last_seq,
@@ -131,7 +133,7 @@ impl Wal {
         };
         let seq = self.last_seq + 1;
         let mut record = Vec::with_capacity(HEADER + body.len());
-        record.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        record.extend_from_slice(&len.to_le_bytes());
         record.extend_from_slice(&checksum(seq, body).to_le_bytes());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(body);
@@ -150,15 +152,15 @@ impl Wal {
     }
 
     /// Takes back the appends after `mark`, whose batch was not committed:
-    /// the record is made invalid on disk so that no replay applies it. If
-    /// that fails the log is unusable until the service restarts.
+    /// the file is cut at the mark, so that no replay applies them (whatever
+    /// lay beyond it was older records, which a replay never reaches
+    /// either). If that fails the log is unusable until the service restarts.
     pub fn undo(&mut self, mark: Mark) {
-        // A zero length with a wrong checksum ends the valid run here.
-        let erased = self
+        let cut = self
             .file
-            .write_all_at(&[0xff; HEADER], mark.len)
+            .set_len(mark.len)
             .and_then(|()| self.file.sync_data());
-        if let Err(err) = erased {
+        if let Err(err) = cut {
             tracing::error!(cause = %err, "cannot undo a write-ahead log append; refusing writes");
             self.broken = true;
         }

@@ -25,6 +25,9 @@ use crate::token::{Micros, Scope, Status, TokenId, TokenRecord, now_micros};
 /// The most operations one transaction takes, so that a flood of writers
 /// still gets answered in bounded slices.
 const MAX_BATCH: usize = 4096;
+/// The most payload bytes one transaction takes (beyond its first
+/// operation), which bounds the memory and the log record of a batch.
+const MAX_BATCH_BYTES: usize = 64 << 20;
 
 #[derive(Debug)]
 pub(super) enum Op {
@@ -44,6 +47,20 @@ pub(super) enum Op {
         cutoff: Micros,
         limit: usize,
     },
+}
+
+impl Op {
+    /// Roughly how many bytes applying the operation writes.
+    fn size(&self) -> usize {
+        match self {
+            Op::Submit {
+                payload,
+                description,
+                ..
+            } => payload.len() + description.len(),
+            _ => 64,
+        }
+    }
 }
 
 /// A change to the stored fleet membership.
@@ -104,10 +121,14 @@ pub(super) fn run(
         };
         match first {
             Ok(first) => {
+                let mut bytes = first.op.size();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                     match jobs.try_recv() {
-                        Ok(job) => batch.push(job),
+                        Ok(job) => {
+                            bytes += job.op.size();
+                            batch.push(job);
+                        }
                         Err(_) => break,
                     }
                 }
