@@ -186,7 +186,11 @@ fn apply_all(
     wal.usable().map_err(StoreError::log)?;
     let checkpoint = checkpoint || wal.checkpoint_due();
     let mut txn = db.begin_write()?;
-    if !checkpoint {
+    if checkpoint {
+        // The state a crash falls back to records redb's allocator state, so
+        // that reopening it need not walk every tree to rebuild that.
+        txn.set_quick_repair(true);
+    } else {
         txn.set_durability(Durability::None)?;
     }
     let (results, journal) = {
