@@ -16,7 +16,7 @@ const BUFFER: usize = 128;
 /// How much encoded data a stream buffers before yielding it to the transport.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// `ProstCodec` with [`BUFFER`]-byte initial buffers.
+/// `ProstCodec` with 128-byte initial buffers, which grow on demand.
 #[derive(Debug, Clone)]
 pub struct SmallBufferCodec<T, U>(ProstCodec<T, U>);
 

@@ -1,6 +1,6 @@
 //! Fan-out of token transitions to watchers.
 //!
-//! Each watched token has one [`Cell`] holding the token's latest published
+//! Each watched token has one cell holding the token's latest published
 //! record and the wakers of the watchers waiting for a newer one. A record
 //! carries the time of every state the token has entered, so a watcher that
 //! falls behind reconstructs each transition it did not see from the latest

@@ -3,7 +3,9 @@
 //!
 //! A writer gets a token ([`store::Store::provision`]), submits a change with
 //! it ([`store::Store::submit`]: the token is PENDING), and the
-//! [`propagation`] worker later marks it INSYNC. Every committed transition is
+//! [`propagation`] worker later marks it INSYNC (or, for a service standing
+//! alone with no delay, the submission's own commit does, see
+//! [`store::Settle`]). Every committed transition is
 //! published to the [`hub`], from which each `WatchToken` stream ([`watch`])
 //! reads. [`service`] is the gRPC face of this, [`server`] runs it with health,
 //! reflection and graceful shutdown, and [`cli`] is the `changetoken` binary.

@@ -4,7 +4,7 @@
 //! Writes go through one writer thread that gathers every request waiting at
 //! the moment it starts a transaction into that transaction, so concurrent
 //! writers share one sync (group commit). A transaction is made durable by a
-//! synced record in the write-ahead log ([`wal`]) before it is committed, and
+//! synced record in the write-ahead log (`store/wal.rs`) before it is committed, and
 //! the database file itself is synced at checkpoints; a write's reply is sent
 //! only after both. Reads run in their own read transactions and never wait
 //! for a commit: point reads on the calling thread, scans on the blocking
