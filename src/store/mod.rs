@@ -3,12 +3,14 @@
 //!
 //! Writes go through one writer thread that gathers every request waiting at
 //! the moment it starts a transaction into that transaction, so concurrent
-//! writers share one sync (group commit). A transaction is made durable by a
-//! synced record in the write-ahead log (`store/wal.rs`) before it is committed, and
-//! the database file itself is synced at checkpoints; a write's reply is sent
-//! only after both. Reads run in their own read transactions and never wait
-//! for a commit: point reads on the calling thread, scans on the blocking
-//! pool.
+//! writers share one sync (group commit). A transaction's mutations are
+//! written to the write-ahead log (`store/wal.rs`) and the transaction is
+//! committed to redb without a sync; a second thread syncs the log, then
+//! publishes the new state to readers and sends the replies, while the
+//! writer goes on with the next batch. The database file itself is synced at
+//! checkpoints. Readers only ever see published, durable states: point reads
+//! on the calling thread, scans on the blocking pool, neither waiting for a
+//! writer.
 
 mod codec;
 mod wal;
@@ -16,15 +18,13 @@ mod writer;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc,
-    },
+    sync::{Arc, Mutex, mpsc},
     thread,
 };
 
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+};
 use tokio::sync::oneshot;
 
 pub use codec::Change;
@@ -232,24 +232,39 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
-    /// How many batches the writer committed.
-    commits: Arc<AtomicU64>,
-    /// The tables of the latest committed state, shared by point reads.
-    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// The latest durable state, published by the writer.
+    published: Arc<Published>,
 }
 
-/// Open read-only tables of one committed state. Shared by point reads until
-/// a later commit makes it stale; it pins that state's pages while in use.
+/// Where the writer publishes the latest durable state for readers.
+type Published = Mutex<Arc<Snapshot>>;
+
+/// Open read-only tables of one committed state. The writer publishes one
+/// after each batch is durable, and readers share it until the next; it
+/// pins that state's pages while in use. Readers see nothing else: redb may
+/// already hold a later commit whose log record is not synced yet.
 struct Snapshot {
-    /// The writer's commit count when the state was read.
-    commits: u64,
+    txn: ReadTransaction,
     tokens: ReadOnlyTable<u128, &'static [u8]>,
     scopes: ReadOnlyTable<&'static str, u128>,
     changes: ReadOnlyTable<u64, &'static [u8]>,
     meta: ReadOnlyTable<&'static str, u64>,
+}
+
+impl Snapshot {
+    /// The latest committed state of `db`.
+    fn read(db: &Database) -> Result<Snapshot, StoreError> {
+        let txn = db.begin_read()?;
+        Ok(Snapshot {
+            tokens: txn.open_table(TOKENS)?,
+            scopes: txn.open_table(SCOPES)?,
+            changes: txn.open_table(CHANGES)?,
+            meta: txn.open_table(META)?,
+            txn,
+        })
+    }
 }
 
 impl Drop for Inner {
@@ -309,22 +324,24 @@ impl Store {
         let wal = recover(&db, &wal_path)?;
         tracing::debug!(path = %path.display(), "database open");
 
-        let db = Arc::new(db);
+        let initial = Snapshot::read(&db).map_err(|source| OpenError::Replay {
+            path: wal_path.clone(),
+            source,
+        })?;
+        let published = Arc::new(Mutex::new(Arc::new(initial)));
         let (tx, rx) = mpsc::channel();
-        let writer_db = db.clone();
-        let commits = Arc::new(AtomicU64::new(0));
-        let writer_commits = commits.clone();
+        let writer_published = published.clone();
+        // The writer owns the database; redb closes it once the writer is
+        // gone and the last published state is dropped.
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(&writer_db, wal, settle, rx, &writer_commits))
+            .spawn(move || writer::run(&db, wal, settle, rx, writer_published))
             .expect("spawning the store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
-                db,
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
-                commits,
-                snapshot: Mutex::new(None),
+                published,
             }),
         })
     }
@@ -340,37 +357,29 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// The latest committed state for a point read, on the calling thread.
+    /// The latest durable state for a point read, on the calling thread.
     /// Point reads touch a handful of cached pages and take microseconds,
     /// less than a hand-off to the blocking pool would cost; they never wait
-    /// for a writer. A state read after a commit's counter moved includes
-    /// that commit, so a reply's effects are visible to every later read.
+    /// for a writer. The writer publishes a batch's state before it replies,
+    /// so a reply's effects are visible to every later read.
     fn snapshot(&self) -> Result<Arc<Snapshot>, StoreError> {
-        let commits = self.inner.commits.load(Ordering::Acquire);
-        let mut cached = self.inner.snapshot.lock().map_err(|_| StoreError::Closed)?;
-        if let Some(snapshot) = cached.as_ref().filter(|s| s.commits == commits) {
-            return Ok(snapshot.clone());
-        }
-        let txn = self.inner.db.begin_read()?;
-        let snapshot = Arc::new(Snapshot {
-            commits,
-            tokens: txn.open_table(TOKENS)?,
-            scopes: txn.open_table(SCOPES)?,
-            changes: txn.open_table(CHANGES)?,
-            meta: txn.open_table(META)?,
-        });
-        *cached = Some(snapshot.clone());
-        Ok(snapshot)
+        let published = self
+            .inner
+            .published
+            .lock()
+            .map_err(|_| StoreError::Closed)?;
+        Ok(published.clone())
     }
 
-    /// Runs a read that may scan or copy much data on the blocking pool.
+    /// Runs a read that may scan or copy much data on the blocking pool,
+    /// against the latest durable state.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&redb::ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = self.inner.db.clone();
-        tokio::task::spawn_blocking(move || f(&db.begin_read()?))
+        let snapshot = self.snapshot()?;
+        tokio::task::spawn_blocking(move || f(&snapshot.txn))
             .await
             .map_err(|_| StoreError::Closed)?
     }

@@ -1,5 +1,7 @@
-//! The write-ahead log: each batch's mutations, appended and synced before the
-//! batch is committed to the database without a sync of its own.
+//! The write-ahead log: each batch's mutations, written before the batch is
+//! committed to the database without a sync of its own, and synced (by the
+//! [`Syncer`], while the next batch is applied) before the batch is answered
+//! or its state shown to any reader.
 //!
 //! A redb commit that syncs writes every page its B-trees dirtied plus redb's
 //! own bookkeeping, tens of kilobytes even for one small change; a log record
@@ -25,6 +27,10 @@ use std::{
     io::{self, Read},
     os::unix::fs::FileExt,
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -47,9 +53,27 @@ pub(super) struct Wal {
     last_seq: u64,
     /// When the first record after the last checkpoint was appended.
     oldest: Option<Instant>,
-    /// Set when a failed append could not be undone: the file may end in a
-    /// record the database does not hold, so nothing may follow it.
-    broken: bool,
+    /// Set when a failed append could not be undone (the file may end in a
+    /// record the database does not hold) or a sync failed (the database
+    /// may hold batches that are not durable): no write may follow.
+    broken: Arc<AtomicBool>,
+}
+
+/// Syncs the log from another thread than the one appending to it.
+pub(super) struct Syncer {
+    file: File,
+    broken: Arc<AtomicBool>,
+}
+
+impl Syncer {
+    /// Makes every record written so far durable. A failure leaves the log
+    /// unusable until the service restarts.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data().inspect_err(|err| {
+            tracing::error!(cause = %err, "cannot sync the write-ahead log; refusing writes");
+            self.broken.store(true, Ordering::SeqCst);
+        })
+    }
 }
 
 /// Where the log stood before an append, to undo it.
@@ -80,7 +104,7 @@ impl Wal {
             len: 0,
             last_seq,
             oldest: None,
-            broken: false,
+            broken: Arc::default(),
         };
         Ok((wal, bodies))
     }
@@ -110,9 +134,17 @@ impl Wal {
         })
     }
 
+    /// A handle that syncs this log from another thread.
+    pub fn syncer(&self) -> io::Result<Syncer> {
+        Ok(Syncer {
+            file: self.file.try_clone()?,
+            broken: self.broken.clone(),
+        })
+    }
+
     /// Fails if an earlier failure left the log unusable.
     pub fn usable(&self) -> io::Result<()> {
-        if self.broken {
+        if self.broken.load(Ordering::SeqCst) {
             return Err(io::Error::other(
                 "the write-ahead log failed and could not be repaired; restart the service",
             ));
@@ -120,8 +152,8 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends `body` as the next record and syncs it. On failure the append
-    /// is undone as far as possible and the error returned.
+    /// Writes `body` as the next record, without syncing it. On failure the
+    /// write is undone as far as possible and the error returned.
     pub fn append(&mut self, body: &[u8]) -> io::Result<Mark> {
         self.usable()?;
         let len = u32::try_from(body.len())
@@ -137,11 +169,7 @@ impl Wal {
         record.extend_from_slice(&checksum(seq, body).to_le_bytes());
         record.extend_from_slice(&seq.to_le_bytes());
         record.extend_from_slice(body);
-        let written = self
-            .file
-            .write_all_at(&record, self.len)
-            .and_then(|()| self.file.sync_data());
-        if let Err(err) = written {
+        if let Err(err) = self.file.write_all_at(&record, self.len) {
             self.undo(mark);
             return Err(err);
         }
@@ -162,7 +190,7 @@ impl Wal {
             .and_then(|()| self.file.sync_data());
         if let Err(err) = cut {
             tracing::error!(cause = %err, "cannot undo a write-ahead log append; refusing writes");
-            self.broken = true;
+            self.broken.store(true, Ordering::SeqCst);
         }
         self.len = mark.len;
         self.last_seq = mark.last_seq;

@@ -2,23 +2,26 @@
 //!
 //! Operations of one batch are applied in arrival order, each seeing the
 //! effects of those before it, and all of them are answered only after the
-//! batch is durable (its log record synced, or its commit synced as a
-//! checkpoint) and committed. If anything in the batch fails at the storage
+//! batch is committed and durable (its log record synced, or its commit
+//! synced as a checkpoint). If anything in the batch fails at the storage
 //! level the whole transaction is abandoned and every operation in it gets the
 //! error, so no reply ever speaks of state that is not on disk.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    mpsc::{self, RecvTimeoutError},
+use std::{
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
 };
 
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANGES, HEAD, MEMBERS, META, PENDING, SCOPES, Settle, StoreError, SubmitError, Submitted,
-    TOKENS, WAL_SEQ, codec, head_of,
-    wal::{self, Mutation, Wal},
+    CHANGES, HEAD, MEMBERS, META, PENDING, Published, SCOPES, Settle, Snapshot, StoreError,
+    SubmitError, Submitted, TOKENS, WAL_SEQ, codec, head_of,
+    wal::{self, Mutation, Syncer, Wal},
 };
 use crate::token::{Micros, Scope, Status, TokenId, TokenRecord, now_micros};
 
@@ -102,24 +105,60 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
+/// A batch applied and committed, waiting for its log record to be synced.
+struct Applied {
+    replies: Vec<oneshot::Sender<Result<Reply, StoreError>>>,
+    outcome: Result<Committed, StoreError>,
+}
+
+struct Committed {
+    results: Vec<Reply>,
+    /// The state after the batch, if it changed anything.
+    snapshot: Option<Arc<Snapshot>>,
+    /// Whether the batch is durable only once the log is synced (it is not
+    /// when it was a checkpoint or changed nothing).
+    needs_sync: bool,
+}
+
 /// Runs until every sender is gone, then checkpoints so that a clean stop
-/// leaves an empty log. `commits` counts committed batches; it moves after a
-/// commit and before that commit's replies are sent.
+/// leaves an empty log.
+///
+/// This thread applies and commits batches; a second one syncs the log and
+/// then publishes each batch's state and sends its replies, in order. So the
+/// sync of one batch overlaps the work on the next, and no reader or client
+/// learns of a batch before its record is on disk.
 pub(super) fn run(
     db: &Database,
     mut wal: Wal,
     settle: Settle,
     jobs: mpsc::Receiver<Job>,
-    commits: &AtomicU64,
+    published: Arc<Published>,
 ) {
     let _span = tracing::debug_span!("store_writer").entered();
+    let (applied_tx, applied_rx) = mpsc::channel();
+    let syncer = wal.syncer().map(|syncer| {
+        thread::Builder::new()
+            .name("store-syncer".into())
+            .spawn(move || sync_loop(&syncer, applied_rx, &published))
+            .expect("spawning the store syncer thread")
+    });
+    let syncer = match syncer {
+        Ok(handle) => handle,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot open the write-ahead log for syncing");
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::log(io_error(&err))));
+            }
+            return;
+        }
+    };
     loop {
         let first = if wal.is_empty() {
             jobs.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
             jobs.recv_timeout(wal.checkpoint_in())
         };
-        match first {
+        let batch = match first {
             Ok(first) => {
                 let mut bytes = first.op.size();
                 let mut batch = vec![first];
@@ -132,57 +171,85 @@ pub(super) fn run(
                         Err(_) => break,
                     }
                 }
-                commit_batch(db, &mut wal, settle, batch, commits);
+                batch
             }
             // Idle with records waiting: the checkpoint is due.
-            Err(RecvTimeoutError::Timeout) => commit_batch(db, &mut wal, settle, vec![], commits),
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
             Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
+        let outcome = apply_all(db, &mut wal, settle, ops, false);
+        if let Err(err) = &outcome {
+            tracing::warn!(cause = %err, operations = replies.len(), "write batch failed");
         }
+        let _ = applied_tx.send(Applied { replies, outcome });
     }
     if !wal.is_empty()
         && let Err(err) = apply_all(db, &mut wal, settle, Vec::new(), true)
     {
         tracing::warn!(cause = %err, "final checkpoint failed; the next start replays the log");
     }
+    drop(applied_tx);
+    let _ = syncer.join();
     wal.close();
 }
 
-fn commit_batch(
-    db: &Database,
-    wal: &mut Wal,
-    settle: Settle,
-    batch: Vec<Job>,
-    commits: &AtomicU64,
-) {
-    let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-    match apply_all(db, wal, settle, ops, false) {
-        Ok(results) => {
-            commits.fetch_add(1, Ordering::Release);
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(Ok(result));
-            }
-        }
-        Err(err) => {
-            tracing::warn!(cause = %err, operations = replies.len(), "write batch failed");
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
+fn io_error(err: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(err.kind(), err.to_string())
+}
+
+/// Syncs the log for each run of applied batches, then publishes the state of
+/// the last one and answers them all. A failed sync fails every batch that
+/// needed it, and the log refuses writes from then on.
+fn sync_loop(syncer: &Syncer, applied: mpsc::Receiver<Applied>, published: &Published) {
+    while let Ok(first) = applied.recv() {
+        let mut run = vec![first];
+        run.extend(applied.try_iter());
+        let needs_sync = run
+            .iter()
+            .any(|a| a.outcome.as_ref().is_ok_and(|c| c.needs_sync));
+        let synced = if needs_sync {
+            syncer.sync().map_err(StoreError::log)
+        } else {
+            Ok(())
+        };
+        for Applied { replies, outcome } in run {
+            let outcome = match (outcome, &synced) {
+                (Ok(committed), Err(err)) if committed.needs_sync => Err(err.clone()),
+                (outcome, _) => outcome,
+            };
+            match outcome {
+                Ok(committed) => {
+                    if let Some(snapshot) = committed.snapshot
+                        && let Ok(mut current) = published.lock()
+                    {
+                        *current = snapshot;
+                    }
+                    for (reply, result) in replies.into_iter().zip(committed.results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                Err(err) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
             }
         }
     }
 }
 
-/// Applies `ops` in one transaction and makes it durable: through the log,
-/// or as a checkpoint (a synced commit that also records the last log record
-/// it includes) when one is due or `checkpoint` asks for it. The log record
-/// is synced before the commit, so every committed state that a reader can
-/// see is durable.
+/// Applies `ops` in one transaction and commits it: after writing its log
+/// record (synced later by the syncer), or as a checkpoint (a synced commit
+/// that also records the last log record it includes) when one is due or
+/// `checkpoint` asks for it.
 fn apply_all(
     db: &Database,
     wal: &mut Wal,
     settle: Settle,
     ops: Vec<Op>,
     checkpoint: bool,
-) -> Result<Vec<Reply>, StoreError> {
+) -> Result<Committed, StoreError> {
     wal.usable().map_err(StoreError::log)?;
     let checkpoint = checkpoint || wal.checkpoint_due();
     let mut txn = db.begin_write()?;
@@ -205,11 +272,17 @@ fn apply_all(
         }
         (results, tables.journal)
     };
+    let needs_sync = !checkpoint && !journal.is_empty();
     if checkpoint {
         txn.commit()?;
         wal.checkpointed();
     } else if journal.is_empty() {
         txn.abort()?;
+        return Ok(Committed {
+            results,
+            snapshot: None,
+            needs_sync,
+        });
     } else {
         let mark = wal.append(&journal).map_err(StoreError::log)?;
         if let Err(err) = txn.commit() {
@@ -217,7 +290,11 @@ fn apply_all(
             return Err(err.into());
         }
     }
-    Ok(results)
+    Ok(Committed {
+        results,
+        snapshot: Some(Arc::new(Snapshot::read(db)?)),
+        needs_sync,
+    })
 }
 
 /// Applies the bodies of log records, in order, in `txn`.
