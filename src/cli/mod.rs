@@ -174,13 +174,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|err| format!("{err} (examples: 500ms, 30s, 7d)"))
 }
 
+/// The runtime every command runs on.
+///
+/// Built with `--cfg tokio_unstable` (set in `.cargo/config.toml`), it has
+/// no LIFO slot: a task woken by another then waits its turn in the queue
+/// instead of running next. For a server that matters most when one
+/// transition is delivered to thousands of streams: each stream task queues
+/// a frame and wakes its connection's task, which with the LIFO slot would
+/// run at once and write that single frame; without it, the connection task
+/// runs after the other streams and writes all their frames in one system
+/// call.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder.build()
+}
+
 impl Cli {
     /// Runs the chosen command to completion.
     pub fn run(self) -> ExitCode {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match runtime() {
             Ok(runtime) => runtime,
             Err(err) => return fail(Exit::Failure, format!("cannot start the runtime: {err}")),
         };

@@ -91,10 +91,7 @@ fn main() -> ExitCode {
         }
     };
     // The same runtime as `changetoken serve` (src/cli/mod.rs).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = changetoken::cli::runtime().expect("tokio runtime");
     match runtime.block_on(serve(addr)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
