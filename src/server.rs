@@ -39,6 +39,9 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped server waits for the last request tasks to let go of
+/// the database (they end moments after their connections close).
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// How the server behaves; see `changetoken serve --help` for each field.
 #[derive(Clone, Debug)]
@@ -107,14 +110,17 @@ impl Server {
     }
 
     /// Serves on `listener` until `shutdown` completes, then shuts down as
-    /// described in the module documentation. The database is closed when
-    /// this returns.
+    /// described in the module documentation. The database is released when
+    /// this returns, unless a request task outlived its connection by more
+    /// than a few seconds (logged as a warning); it is then released when
+    /// that task ends.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
         let Server { config, store } = self;
+        let released = store.released();
         let cancel = CancellationToken::new();
         let hub = Hub::default();
         let settings = Settings {
@@ -200,6 +206,11 @@ impl Server {
         let _ = worker.await;
         let _ = sweeper.await;
         stats.log();
+        if tokio::time::timeout(RELEASE_WAIT, released).await.is_err() {
+            tracing::warn!(
+                "a request still holds the database; it is released when that request ends"
+            );
+        }
         tracing::info!("stopped");
         match result {
             Ok(outcome) => outcome.map_err(ServeError::from),

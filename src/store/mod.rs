@@ -236,7 +236,17 @@ struct Inner {
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     /// The latest durable state, published by the writer.
     published: Arc<Published>,
+    /// Closed once every claim on the database file is dropped.
+    release: tokio::sync::watch::Sender<()>,
+    _claim: Claim,
 }
+
+/// A claim on the database file. Every store handle, published state and
+/// the writer thread hold one; redb releases the file, and another process
+/// or handle may open it, once every claim is dropped. A claim is dropped
+/// after whatever it guards, so the release never comes early.
+#[derive(Clone)]
+struct Claim(#[allow(dead_code)] tokio::sync::watch::Receiver<()>);
 
 /// Where the writer publishes the latest durable state for readers.
 type Published = Mutex<Arc<Snapshot>>;
@@ -251,11 +261,13 @@ struct Snapshot {
     scopes: ReadOnlyTable<&'static str, u128>,
     changes: ReadOnlyTable<u64, &'static [u8]>,
     meta: ReadOnlyTable<&'static str, u64>,
+    /// Declared last, so dropped after the transaction.
+    _claim: Claim,
 }
 
 impl Snapshot {
     /// The latest committed state of `db`.
-    fn read(db: &Database) -> Result<Snapshot, StoreError> {
+    fn read(db: &Database, claim: &Claim) -> Result<Snapshot, StoreError> {
         let txn = db.begin_read()?;
         Ok(Snapshot {
             tokens: txn.open_table(TOKENS)?,
@@ -263,6 +275,7 @@ impl Snapshot {
             changes: txn.open_table(CHANGES)?,
             meta: txn.open_table(META)?,
             txn,
+            _claim: claim.clone(),
         })
     }
 }
@@ -324,7 +337,9 @@ impl Store {
         let wal = recover(&db, &wal_path)?;
         tracing::debug!(path = %path.display(), "database open");
 
-        let initial = Snapshot::read(&db).map_err(|source| OpenError::Replay {
+        let (release, claim) = tokio::sync::watch::channel(());
+        let claim = Claim(claim);
+        let initial = Snapshot::read(&db, &claim).map_err(|source| OpenError::Replay {
             path: wal_path.clone(),
             source,
         })?;
@@ -333,17 +348,33 @@ impl Store {
         let writer_published = published.clone();
         // The writer owns the database; redb closes it once the writer is
         // gone and the last published state is dropped.
+        let writer_claim = claim.clone();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(&db, wal, settle, rx, writer_published))
+            .spawn(move || {
+                writer::run(&db, &writer_claim, wal, settle, rx, writer_published);
+                drop(db);
+                drop(writer_claim);
+            })
             .expect("spawning the store writer thread");
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
                 published,
+                release,
+                _claim: claim,
             }),
         })
+    }
+
+    /// Completes once the database file is released: every handle to this
+    /// store and every state read from it is gone, and the writer has
+    /// stopped. A request still running after its connection was cut keeps
+    /// the file until it ends.
+    pub fn released(&self) -> impl Future<Output = ()> + Send + 'static {
+        let release = self.inner.release.clone();
+        async move { release.closed().await }
     }
 
     async fn write(&self, op: Op) -> Result<Reply, StoreError> {

@@ -19,7 +19,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{
-    CHANGES, HEAD, MEMBERS, META, PENDING, Published, SCOPES, Settle, Snapshot, StoreError,
+    CHANGES, Claim, HEAD, MEMBERS, META, PENDING, Published, SCOPES, Settle, Snapshot, StoreError,
     SubmitError, Submitted, TOKENS, WAL_SEQ, codec, head_of,
     wal::{self, Mutation, Syncer, Wal},
 };
@@ -129,6 +129,7 @@ struct Committed {
 /// learns of a batch before its record is on disk.
 pub(super) fn run(
     db: &Database,
+    claim: &Claim,
     mut wal: Wal,
     settle: Settle,
     jobs: mpsc::Receiver<Job>,
@@ -178,14 +179,14 @@ pub(super) fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-        let outcome = apply_all(db, &mut wal, settle, ops, false);
+        let outcome = apply_all(db, claim, &mut wal, settle, ops, false);
         if let Err(err) = &outcome {
             tracing::warn!(cause = %err, operations = replies.len(), "write batch failed");
         }
         let _ = applied_tx.send(Applied { replies, outcome });
     }
     if !wal.is_empty()
-        && let Err(err) = apply_all(db, &mut wal, settle, Vec::new(), true)
+        && let Err(err) = apply_all(db, claim, &mut wal, settle, Vec::new(), true)
     {
         tracing::warn!(cause = %err, "final checkpoint failed; the next start replays the log");
     }
@@ -245,6 +246,7 @@ fn sync_loop(syncer: &Syncer, applied: mpsc::Receiver<Applied>, published: &Publ
 /// `checkpoint` asks for it.
 fn apply_all(
     db: &Database,
+    claim: &Claim,
     wal: &mut Wal,
     settle: Settle,
     ops: Vec<Op>,
@@ -292,7 +294,7 @@ fn apply_all(
     }
     Ok(Committed {
         results,
-        snapshot: Some(Arc::new(Snapshot::read(db)?)),
+        snapshot: Some(Arc::new(Snapshot::read(db, claim)?)),
         needs_sync,
     })
 }
