@@ -67,8 +67,16 @@ pub(super) struct Syncer {
 
 impl Syncer {
     /// Makes every record written so far durable. A failure leaves the log
-    /// unusable until the service restarts.
+    /// unusable until the service restarts, and every later call fails too:
+    /// a sync after a failed one may succeed although pages the failed one
+    /// should have written were dropped, and a record after a lost one is
+    /// never replayed.
     pub fn sync(&self) -> io::Result<()> {
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "an earlier sync of the write-ahead log failed; restart the service",
+            ));
+        }
         self.file.sync_data().inspect_err(|err| {
             tracing::error!(cause = %err, "cannot sync the write-ahead log; refusing writes");
             self.broken.store(true, Ordering::SeqCst);
@@ -490,5 +498,22 @@ mod tests {
         wal.append(&body(3)).unwrap();
         drop(wal);
         assert_eq!(Wal::open(&path, 0).unwrap().1, vec![body(1), body(3)]);
+    }
+
+    #[test]
+    fn after_a_failed_sync_no_sync_or_append_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE);
+        let mut wal = appended(&path, 0, &[body(1)]);
+        let syncer = wal.syncer().unwrap();
+        syncer.sync().unwrap();
+        // What a failing sync_data leaves behind.
+        syncer.broken.store(true, Ordering::SeqCst);
+        assert!(
+            syncer.sync().is_err(),
+            "a sync after a failed one succeeded"
+        );
+        assert!(wal.append(&body(2)).is_err());
+        assert!(wal.usable().is_err());
     }
 }
