@@ -11,8 +11,14 @@ mod util;
 mod watch;
 mod writes;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The load generator runs on the server's runtime (no LIFO slot), for
+    // every system it drives alike.
+    let runtime = changetoken::cli::runtime().expect("tokio runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let all = args.is_empty();
     let want = |name: &str| all || args.iter().any(|a| a == name);
