@@ -8,6 +8,7 @@
 //! error, so no reply ever speaks of state that is not on disk.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         mpsc::{self, RecvTimeoutError},
@@ -105,6 +106,15 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
+/// What the writer tells the syncer, in batch order.
+enum Step {
+    /// Log record number `n` (counting every append since the start) is
+    /// written: sync it now, while the writer commits its batch.
+    Appended(u64),
+    /// A batch is applied and committed (or failed).
+    Applied(Applied),
+}
+
 /// A batch applied and committed, waiting for its log record to be synced.
 struct Applied {
     replies: Vec<oneshot::Sender<Result<Reply, StoreError>>>,
@@ -115,18 +125,26 @@ struct Committed {
     results: Vec<Reply>,
     /// The state after the batch, if it changed anything.
     snapshot: Option<Arc<Snapshot>>,
-    /// Whether the batch is durable only once the log is synced (it is not
-    /// when it was a checkpoint or changed nothing).
-    needs_sync: bool,
+    /// The number of the batch's log record, if the batch is durable only
+    /// once that is synced (it is not when it was a checkpoint or changed
+    /// nothing).
+    record: Option<u64>,
+}
+
+impl Applied {
+    fn record(&self) -> Option<u64> {
+        self.outcome.as_ref().ok().and_then(|c| c.record)
+    }
 }
 
 /// Runs until every sender is gone, then checkpoints so that a clean stop
 /// leaves an empty log.
 ///
 /// This thread applies and commits batches; a second one syncs the log and
-/// then publishes each batch's state and sends its replies, in order. So the
-/// sync of one batch overlaps the work on the next, and no reader or client
-/// learns of a batch before its record is on disk.
+/// then publishes each batch's state and sends its replies, in order. The
+/// sync of a batch's record starts as soon as the record is written, so it
+/// overlaps the batch's own redb commit and the work on the next batch, and
+/// no reader or client learns of a batch before its record is on disk.
 pub(super) fn run(
     db: &Database,
     claim: &Claim,
@@ -136,11 +154,11 @@ pub(super) fn run(
     published: Arc<Published>,
 ) {
     let _span = tracing::debug_span!("store_writer").entered();
-    let (applied_tx, applied_rx) = mpsc::channel();
+    let (steps, steps_rx) = mpsc::channel();
     let syncer = wal.syncer().map(|syncer| {
         thread::Builder::new()
             .name("store-syncer".into())
-            .spawn(move || sync_loop(&syncer, applied_rx, &published))
+            .spawn(move || sync_loop(&syncer, steps_rx, &published))
             .expect("spawning the store syncer thread")
     });
     let syncer = match syncer {
@@ -153,6 +171,7 @@ pub(super) fn run(
             return;
         }
     };
+    let mut appends = 0;
     loop {
         let first = if wal.is_empty() {
             jobs.recv().map_err(|_| RecvTimeoutError::Disconnected)
@@ -179,18 +198,23 @@ pub(super) fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-        let outcome = apply_all(db, claim, &mut wal, settle, ops, false);
+        let record = appends + 1;
+        let appended = |record| {
+            appends = record;
+            let _ = steps.send(Step::Appended(record));
+        };
+        let outcome = apply_all(db, claim, &mut wal, settle, ops, false, record, appended);
         if let Err(err) = &outcome {
             tracing::warn!(cause = %err, operations = replies.len(), "write batch failed");
         }
-        let _ = applied_tx.send(Applied { replies, outcome });
+        let _ = steps.send(Step::Applied(Applied { replies, outcome }));
     }
     if !wal.is_empty()
-        && let Err(err) = apply_all(db, claim, &mut wal, settle, Vec::new(), true)
+        && let Err(err) = apply_all(db, claim, &mut wal, settle, Vec::new(), true, 0, |_| {})
     {
         tracing::warn!(cause = %err, "final checkpoint failed; the next start replays the log");
     }
-    drop(applied_tx);
+    drop(steps);
     let _ = syncer.join();
     wal.close();
 }
@@ -199,24 +223,43 @@ fn io_error(err: &std::io::Error) -> std::io::Error {
     std::io::Error::new(err.kind(), err.to_string())
 }
 
-/// Syncs the log for each run of applied batches, then publishes the state of
-/// the last one and answers them all. A failed sync fails every batch that
-/// needed it, and the log refuses writes from then on.
-fn sync_loop(syncer: &Syncer, applied: mpsc::Receiver<Applied>, published: &Published) {
-    while let Ok(first) = applied.recv() {
-        let mut run = vec![first];
-        run.extend(applied.try_iter());
-        let needs_sync = run
-            .iter()
-            .any(|a| a.outcome.as_ref().is_ok_and(|c| c.needs_sync));
-        let synced = if needs_sync {
-            syncer.sync().map_err(StoreError::log)
-        } else {
-            Ok(())
-        };
-        for Applied { replies, outcome } in run {
-            let outcome = match (outcome, &synced) {
-                (Ok(committed), Err(err)) if committed.needs_sync => Err(err.clone()),
+/// Syncs the log whenever a record was written since the last sync, then
+/// publishes the state of every batch whose record that sync covered and
+/// answers it, in batch order. A failed sync fails every batch that needed
+/// it, and every later one: the log refuses writes from then on.
+fn sync_loop(syncer: &Syncer, steps: mpsc::Receiver<Step>, published: &Published) {
+    let mut waiting = VecDeque::new();
+    // The highest record written, and the highest one known durable.
+    let (mut written, mut synced) = (0, 0);
+    let mut failed: Option<StoreError> = None;
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        if written <= synced || failed.is_some() {
+            // Nothing to sync: every waiting batch is answered below, so
+            // wait for the writer.
+            match steps.recv() {
+                Ok(step) => take(step, &mut waiting, &mut written),
+                Err(_) => open = false,
+            }
+        }
+        for step in steps.try_iter() {
+            take(step, &mut waiting, &mut written);
+        }
+        if written > synced && failed.is_none() {
+            let target = written;
+            match syncer.sync() {
+                Ok(()) => synced = target,
+                Err(err) => failed = Some(StoreError::log(err)),
+            }
+        }
+        while let Some(batch) = waiting.front() {
+            let durable = batch.record().is_none_or(|n| n <= synced);
+            if !durable && failed.is_none() {
+                break;
+            }
+            let Applied { replies, outcome } = waiting.pop_front().expect("a front batch");
+            let outcome = match (outcome, &failed) {
+                (Ok(_), Some(err)) if !durable => Err(err.clone()),
                 (outcome, _) => outcome,
             };
             match outcome {
@@ -240,10 +283,26 @@ fn sync_loop(syncer: &Syncer, applied: mpsc::Receiver<Applied>, published: &Publ
     }
 }
 
+fn take(step: Step, waiting: &mut VecDeque<Applied>, written: &mut u64) {
+    match step {
+        Step::Appended(n) => *written = (*written).max(n),
+        Step::Applied(batch) => {
+            if let Some(n) = batch.record() {
+                *written = (*written).max(n);
+            }
+            waiting.push_back(batch);
+        }
+    }
+}
+
 /// Applies `ops` in one transaction and commits it: after writing its log
 /// record (synced later by the syncer), or as a checkpoint (a synced commit
 /// that also records the last log record it includes) when one is due or
 /// `checkpoint` asks for it.
+///
+/// A log record is numbered `record` and reported to `appended` once
+/// written, before the commit, so that its sync can start at once.
+#[allow(clippy::too_many_arguments)]
 fn apply_all(
     db: &Database,
     claim: &Claim,
@@ -251,6 +310,8 @@ fn apply_all(
     settle: Settle,
     ops: Vec<Op>,
     checkpoint: bool,
+    record: u64,
+    appended: impl FnOnce(u64),
 ) -> Result<Committed, StoreError> {
     wal.usable().map_err(StoreError::log)?;
     let checkpoint = checkpoint || wal.checkpoint_due();
@@ -274,28 +335,33 @@ fn apply_all(
         }
         (results, tables.journal)
     };
-    let needs_sync = !checkpoint && !journal.is_empty();
-    if checkpoint {
+    let record = if checkpoint {
         txn.commit()?;
         wal.checkpointed();
+        None
     } else if journal.is_empty() {
         txn.abort()?;
         return Ok(Committed {
             results,
             snapshot: None,
-            needs_sync,
+            record: None,
         });
     } else {
         let mark = wal.append(&journal).map_err(StoreError::log)?;
+        appended(record);
         if let Err(err) = txn.commit() {
+            // The syncer may have made the record durable meanwhile; the cut
+            // is synced before this batch is answered, and a crash before
+            // that leaves a batch that was never answered.
             wal.undo(mark);
             return Err(err.into());
         }
-    }
+        Some(record)
+    };
     Ok(Committed {
         results,
         snapshot: Some(Arc::new(Snapshot::read(db, claim)?)),
-        needs_sync,
+        record,
     })
 }
 
