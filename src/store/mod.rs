@@ -246,7 +246,9 @@ struct Inner {
 /// or handle may open it, once every claim is dropped. A claim is dropped
 /// after whatever it guards, so the release never comes early.
 #[derive(Clone)]
-struct Claim(#[allow(dead_code)] tokio::sync::watch::Receiver<()>);
+struct Claim {
+    _held: tokio::sync::watch::Receiver<()>,
+}
 
 /// Where the writer publishes the latest durable state for readers.
 type Published = Mutex<Arc<Snapshot>>;
@@ -338,7 +340,7 @@ impl Store {
         tracing::debug!(path = %path.display(), "database open");
 
         let (release, claim) = tokio::sync::watch::channel(());
-        let claim = Claim(claim);
+        let claim = Claim { _held: claim };
         let initial = Snapshot::read(&db, &claim).map_err(|source| OpenError::Replay {
             path: wal_path.clone(),
             source,

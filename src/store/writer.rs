@@ -148,7 +148,7 @@ impl Applied {
 pub(super) fn run(
     db: &Database,
     claim: &Claim,
-    mut wal: Wal,
+    wal: Wal,
     settle: Settle,
     jobs: mpsc::Receiver<Job>,
     published: Arc<Published>,
@@ -171,12 +171,19 @@ pub(super) fn run(
             return;
         }
     };
-    let mut appends = 0;
+    let mut writer = Writer {
+        db,
+        claim,
+        wal,
+        settle,
+        steps,
+        appends: 0,
+    };
     loop {
-        let first = if wal.is_empty() {
+        let first = if writer.wal.is_empty() {
             jobs.recv().map_err(|_| RecvTimeoutError::Disconnected)
         } else {
-            jobs.recv_timeout(wal.checkpoint_in())
+            jobs.recv_timeout(writer.wal.checkpoint_in())
         };
         let batch = match first {
             Ok(first) => {
@@ -198,22 +205,20 @@ pub(super) fn run(
             Err(RecvTimeoutError::Disconnected) => break,
         };
         let (ops, replies): (Vec<Op>, Vec<_>) = batch.into_iter().map(|j| (j.op, j.reply)).unzip();
-        let record = appends + 1;
-        let appended = |record| {
-            appends = record;
-            let _ = steps.send(Step::Appended(record));
-        };
-        let outcome = apply_all(db, claim, &mut wal, settle, ops, false, record, appended);
+        let outcome = writer.apply_all(ops, false);
         if let Err(err) = &outcome {
             tracing::warn!(cause = %err, operations = replies.len(), "write batch failed");
         }
-        let _ = steps.send(Step::Applied(Applied { replies, outcome }));
+        let _ = writer
+            .steps
+            .send(Step::Applied(Applied { replies, outcome }));
     }
-    if !wal.is_empty()
-        && let Err(err) = apply_all(db, claim, &mut wal, settle, Vec::new(), true, 0, |_| {})
+    if !writer.wal.is_empty()
+        && let Err(err) = writer.apply_all(Vec::new(), true)
     {
         tracing::warn!(cause = %err, "final checkpoint failed; the next start replays the log");
     }
+    let Writer { wal, steps, .. } = writer;
     drop(steps);
     let _ = syncer.join();
     wal.close();
@@ -295,74 +300,77 @@ fn take(step: Step, waiting: &mut VecDeque<Applied>, written: &mut u64) {
     }
 }
 
-/// Applies `ops` in one transaction and commits it: after writing its log
-/// record (synced later by the syncer), or as a checkpoint (a synced commit
-/// that also records the last log record it includes) when one is due or
-/// `checkpoint` asks for it.
-///
-/// A log record is numbered `record` and reported to `appended` once
-/// written, before the commit, so that its sync can start at once.
-#[allow(clippy::too_many_arguments)]
-fn apply_all(
-    db: &Database,
-    claim: &Claim,
-    wal: &mut Wal,
+/// The state of the writer thread.
+struct Writer<'a> {
+    db: &'a Database,
+    claim: &'a Claim,
+    wal: Wal,
     settle: Settle,
-    ops: Vec<Op>,
-    checkpoint: bool,
-    record: u64,
-    appended: impl FnOnce(u64),
-) -> Result<Committed, StoreError> {
-    wal.usable().map_err(StoreError::log)?;
-    let checkpoint = checkpoint || wal.checkpoint_due();
-    let mut txn = db.begin_write()?;
-    if checkpoint {
-        // The state a crash falls back to records redb's allocator state, so
-        // that reopening it need not walk every tree to rebuild that.
-        txn.set_quick_repair(true);
-    } else {
-        txn.set_durability(Durability::None)?;
-    }
-    let (results, journal) = {
-        let mut tables = Tables::open(&txn, settle)?;
-        let now = now_micros();
-        let mut results = Vec::with_capacity(ops.len());
-        for op in ops {
-            results.push(tables.apply(op, now)?);
-        }
+    steps: mpsc::Sender<Step>,
+    /// Log records written since the start, undone ones included, so that a
+    /// record's number is never reused.
+    appends: u64,
+}
+
+impl Writer<'_> {
+    /// Applies `ops` in one transaction and commits it: after writing its
+    /// log record, whose sync the syncer starts at once, or as a checkpoint
+    /// (a synced commit that also records the last log record it includes)
+    /// when one is due or `checkpoint` asks for it.
+    fn apply_all(&mut self, ops: Vec<Op>, checkpoint: bool) -> Result<Committed, StoreError> {
+        let wal = &mut self.wal;
+        wal.usable().map_err(StoreError::log)?;
+        let checkpoint = checkpoint || wal.checkpoint_due();
+        let mut txn = self.db.begin_write()?;
         if checkpoint {
-            tables.meta.insert(WAL_SEQ, wal.last_seq())?;
+            // The state a crash falls back to records redb's allocator state,
+            // so that reopening it need not walk every tree to rebuild that.
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(Durability::None)?;
         }
-        (results, tables.journal)
-    };
-    let record = if checkpoint {
-        txn.commit()?;
-        wal.checkpointed();
-        None
-    } else if journal.is_empty() {
-        txn.abort()?;
-        return Ok(Committed {
+        let (results, journal) = {
+            let mut tables = Tables::open(&txn, self.settle)?;
+            let now = now_micros();
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                results.push(tables.apply(op, now)?);
+            }
+            if checkpoint {
+                tables.meta.insert(WAL_SEQ, wal.last_seq())?;
+            }
+            (results, tables.journal)
+        };
+        let record = if checkpoint {
+            txn.commit()?;
+            wal.checkpointed();
+            None
+        } else if journal.is_empty() {
+            txn.abort()?;
+            return Ok(Committed {
+                results,
+                snapshot: None,
+                record: None,
+            });
+        } else {
+            let mark = wal.append(&journal).map_err(StoreError::log)?;
+            self.appends += 1;
+            let _ = self.steps.send(Step::Appended(self.appends));
+            if let Err(err) = txn.commit() {
+                // The syncer may have made the record durable meanwhile; the
+                // cut is synced before this batch is answered, and a crash
+                // before that leaves a batch that was never answered.
+                wal.undo(mark);
+                return Err(err.into());
+            }
+            Some(self.appends)
+        };
+        Ok(Committed {
             results,
-            snapshot: None,
-            record: None,
-        });
-    } else {
-        let mark = wal.append(&journal).map_err(StoreError::log)?;
-        appended(record);
-        if let Err(err) = txn.commit() {
-            // The syncer may have made the record durable meanwhile; the cut
-            // is synced before this batch is answered, and a crash before
-            // that leaves a batch that was never answered.
-            wal.undo(mark);
-            return Err(err.into());
-        }
-        Some(record)
-    };
-    Ok(Committed {
-        results,
-        snapshot: Some(Arc::new(Snapshot::read(db, claim)?)),
-        record,
-    })
+            snapshot: Some(Arc::new(Snapshot::read(self.db, self.claim)?)),
+            record,
+        })
+    }
 }
 
 /// Applies the bodies of log records, in order, in `txn`.
