@@ -13,11 +13,13 @@
 //! writer.
 
 mod codec;
+mod error;
+mod open;
 mod wal;
 mod writer;
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, mpsc},
     thread,
 };
@@ -28,11 +30,12 @@ use redb::{
 use tokio::sync::oneshot;
 
 pub use codec::Change;
-use wal::Wal;
+pub use error::{OpenError, StoreError, SubmitError};
+use open::{init_schema, recover};
 pub use writer::MemberUpdate;
 use writer::{Job, Op, Reply};
 
-use crate::token::{Micros, Scope, Status, TokenId, TokenRecord};
+use crate::token::{Micros, Scope, TokenId, TokenRecord};
 
 /// Token records by token.
 const TOKENS: TableDefinition<u128, &[u8]> = TableDefinition::new("tokens");
@@ -87,133 +90,6 @@ where
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "changetoken.redb";
 pub use wal::WAL_FILE;
-
-/// Why the data directory could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The directory does not exist and cannot be created.
-    #[error("cannot create data directory {}: {source}", path.display())]
-    CreateDir {
-        /// The directory.
-        path: PathBuf,
-        /// Why it could not be created.
-        source: std::io::Error,
-    },
-    /// Another process holds the database.
-    #[error("data directory {} is in use by another changetoken process", path.display())]
-    InUse {
-        /// The directory.
-        path: PathBuf,
-    },
-    /// redb refused to open the file.
-    #[error("cannot open database {}: {source}", path.display())]
-    Database {
-        /// The database file.
-        path: PathBuf,
-        /// What redb reported.
-        source: redb::Error,
-    },
-    /// The write-ahead log cannot be read.
-    #[error("cannot read write-ahead log {}: {source}", path.display())]
-    Log {
-        /// The log file.
-        path: PathBuf,
-        /// What the system reported.
-        source: std::io::Error,
-    },
-    /// The write-ahead log could not be applied to the database.
-    #[error("cannot replay write-ahead log {}: {source}", path.display())]
-    Replay {
-        /// The log file.
-        path: PathBuf,
-        /// Why the replay failed.
-        source: StoreError,
-    },
-    /// The file was written by a newer, incompatible version.
-    #[error("database {} has schema version {found}, this build reads {SCHEMA_VERSION}",
-        path.display())]
-    Schema {
-        /// The database file.
-        path: PathBuf,
-        /// The version it records.
-        found: u64,
-    },
-}
-
-/// A storage operation that failed. Nothing was acknowledged for it.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The disk or the database refused the operation; it may succeed if retried.
-    #[error("storage i/o failed: {0}")]
-    Io(Arc<redb::Error>),
-    /// The write-ahead log could not be written or synced; it may succeed if
-    /// retried, unless the log could not be repaired (then until a restart).
-    #[error("write-ahead log i/o failed: {0}")]
-    Log(Arc<std::io::Error>),
-    /// The database contents are not what this build wrote.
-    #[error("storage is corrupt: {0}")]
-    Corrupt(String),
-    /// The store is shutting down and accepts no more writes.
-    #[error("storage is closed")]
-    Closed,
-}
-
-impl From<redb::Error> for StoreError {
-    fn from(err: redb::Error) -> Self {
-        match err {
-            redb::Error::Corrupted(msg) => StoreError::Corrupt(msg),
-            other => StoreError::Io(Arc::new(other)),
-        }
-    }
-}
-
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(err: $t) -> Self {
-                redb::Error::from(err).into()
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
-
-impl StoreError {
-    fn log(err: std::io::Error) -> Self {
-        StoreError::Log(Arc::new(err))
-    }
-}
-
-impl From<codec::Corrupt> for StoreError {
-    fn from(err: codec::Corrupt) -> Self {
-        StoreError::Corrupt(err.to_string())
-    }
-}
-
-/// Why a change was not accepted.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SubmitError {
-    /// The token was never issued, or retention deleted it.
-    #[error("change token {0} does not exist")]
-    NotFound(TokenId),
-    /// The token was already used for a different change.
-    #[error("change token {token} is no longer current: it is {status}")]
-    Stale {
-        /// The stale token.
-        token: TokenId,
-        /// Its current status.
-        status: Status,
-    },
-    /// The store failed; the change was not accepted.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
 
 /// An accepted change.
 #[derive(Debug, Clone)]
@@ -563,142 +439,5 @@ impl Store {
             Ok(out)
         })
         .await
-    }
-}
-
-/// Replays the write-ahead log records that the last checkpoint does not
-/// include, as a new checkpoint, and returns the log ready for appends.
-fn recover(db: &Database, path: &Path) -> Result<Wal, OpenError> {
-    let replay_error = |source| OpenError::Replay {
-        path: path.to_owned(),
-        source,
-    };
-    let checkpoint = (|| {
-        let txn = db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        Ok::<_, StoreError>(meta.get(WAL_SEQ)?.map_or(0, |v| v.value()))
-    })()
-    .map_err(replay_error)?;
-    let (wal, bodies) = Wal::open(path, checkpoint).map_err(|source| OpenError::Log {
-        path: path.to_owned(),
-        source,
-    })?;
-    if !bodies.is_empty() {
-        (|| {
-            let txn = db.begin_write()?;
-            writer::replay(&txn, &bodies)?;
-            txn.open_table(META)?.insert(WAL_SEQ, wal.last_seq())?;
-            txn.commit()?;
-            Ok(())
-        })()
-        .map_err(replay_error)?;
-        tracing::info!(
-            records = bodies.len(),
-            "replayed the write-ahead log of an unclean stop"
-        );
-    }
-    Ok(wal)
-}
-
-/// Creates every table of a new database and brings an older one to the
-/// current schema; returns the version found (the current one after an
-/// upgrade, a newer one untouched) and whether the database is new.
-fn init_schema(db: &Database) -> Result<(u64, bool), redb::Error> {
-    let txn = db.begin_write()?;
-    let found = {
-        txn.open_table(TOKENS)?;
-        txn.open_table(SCOPES)?;
-        txn.open_table(CHANGES)?;
-        txn.open_table(PENDING)?;
-        txn.open_table(MEMBERS)?;
-        let mut meta = txn.open_table(META)?;
-        let found = meta.get(SCHEMA)?.map(|v| v.value());
-        match found {
-            Some(version) if version >= SCHEMA_VERSION => {}
-            Some(version) => {
-                if version < 2 {
-                    // Its entries are recomputed from the change log.
-                    let expiry: TableDefinition<(u64, u64), u128> = TableDefinition::new(EXPIRY_V1);
-                    txn.delete_table(expiry)?;
-                }
-                meta.insert(SCHEMA, SCHEMA_VERSION)?;
-            }
-            None => {
-                meta.insert(SCHEMA, SCHEMA_VERSION)?;
-            }
-        }
-        found
-    };
-    txn.commit()?;
-    let version = found.map_or(SCHEMA_VERSION, |v| v.max(SCHEMA_VERSION));
-    Ok((version, found.is_none()))
-}
-
-#[cfg(test)]
-mod tests {
-    use redb::TableHandle;
-
-    use super::*;
-
-    /// A database as schema 1 left it: the expiry index, and the head in
-    /// `META` beyond every change retention left.
-    fn schema_1(path: &Path) {
-        let db = Database::create(path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            txn.open_table(TOKENS).unwrap();
-            txn.open_table(SCOPES).unwrap();
-            txn.open_table(CHANGES).unwrap();
-            txn.open_table(PENDING).unwrap();
-            txn.open_table(MEMBERS).unwrap();
-            let mut expiry = txn
-                .open_table(TableDefinition::<(u64, u64), u128>::new(EXPIRY_V1))
-                .unwrap();
-            expiry.insert((1, 7), 9).unwrap();
-            let mut meta = txn.open_table(META).unwrap();
-            meta.insert(SCHEMA, 1).unwrap();
-            meta.insert(HEAD, 7).unwrap();
-        }
-        txn.commit().unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_schema_1_database_is_upgraded_and_keeps_its_head() {
-        let dir = tempfile::tempdir().unwrap();
-        schema_1(&dir.path().join(DB_FILE));
-        let store = Store::open(dir.path(), Settle::WhenAlone).unwrap();
-        assert_eq!(store.head().await.unwrap(), 7);
-        let token = store.provision(&Scope::parse("s").unwrap()).await.unwrap();
-        let submitted = store.submit(token, b"x".to_vec(), String::new()).await;
-        let record = submitted.unwrap().record;
-        assert_eq!((record.revision, record.status), (8, Status::InSync));
-        drop(store);
-
-        let db = Database::open(dir.path().join(DB_FILE)).unwrap();
-        let txn = db.begin_read().unwrap();
-        let meta = txn.open_table(META).unwrap();
-        assert_eq!(meta.get(SCHEMA).unwrap().unwrap().value(), SCHEMA_VERSION);
-        let names: Vec<_> = txn
-            .list_tables()
-            .unwrap()
-            .map(|t| t.name().to_owned())
-            .collect();
-        assert!(!names.iter().any(|n| n == EXPIRY_V1), "{names:?}");
-    }
-
-    #[tokio::test]
-    async fn a_database_of_a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
-            let txn = db.begin_write().unwrap();
-            txn.open_table(META)
-                .unwrap()
-                .insert(SCHEMA, SCHEMA_VERSION + 1)
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let err = Store::open(dir.path(), Settle::Worker).err().unwrap();
-        assert!(matches!(err, OpenError::Schema { found, .. } if found == SCHEMA_VERSION + 1));
     }
 }

@@ -288,15 +288,11 @@ fn sync_loop(syncer: &Syncer, steps: mpsc::Receiver<Step>, published: &Published
     }
 }
 
+/// Takes in one step. A batch's `Appended` always comes before its `Applied`.
 fn take(step: Step, waiting: &mut VecDeque<Applied>, written: &mut u64) {
     match step {
         Step::Appended(n) => *written = (*written).max(n),
-        Step::Applied(batch) => {
-            if let Some(n) = batch.record() {
-                *written = (*written).max(n);
-            }
-            waiting.push_back(batch);
-        }
+        Step::Applied(batch) => waiting.push_back(batch),
     }
 }
 
